@@ -1,0 +1,1 @@
+"""YAML configs shipped inside the package (`sweep start` with no --config runs demo.yaml)."""

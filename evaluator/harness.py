@@ -1,0 +1,108 @@
+"""Scoring a loaded model with lm-eval: local tasks written at run time, hub tasks by name."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+import yaml
+
+from evaluator.config import TaskConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-task scores and the wall time they took."""
+
+    scores: dict[str, float]
+    eval_seconds: float
+
+
+def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) -> Path:
+    """Writes an lm-eval multiple-choice task over a JSONL file of `prompt`, `choices`, `answer`.
+
+    The data path is written absolute: lm-eval resolves `data_files` against
+    its own working directory, not the task file's.
+    """
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "prompt",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        # The prompt ends where the response starts (as in training): no space.
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    path = task_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def evaluate(model, tokenizer, tasks: list[TaskConfig], task_dir: str | Path | None, batch_size: int = 16) -> EvalResult:
+    """Scores `model` on `tasks` with lm-eval and returns each task's metric.
+
+    Args:
+        model: a loaded model, a `PeftModel` for an adapter (lm-eval ignores
+            `peft=` for model objects, so the adapter must already be attached).
+        tokenizer: its tokenizer, passed explicitly.
+        tasks: the tasks; local ones must already have a YAML in `task_dir`.
+        task_dir: directory of local task YAML files, or None.
+        batch_size: requests per forward pass.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # The default task index costs seconds to build: only load it for hub tasks.
+    manager = TaskManager(
+        include_path=str(task_dir) if task_dir else None,
+        include_defaults=any(not t.is_local for t in tasks),
+    )
+    scores: dict[str, float] = {}
+    # simple_evaluate takes one few-shot count and one limit per call.
+    key = lambda t: (t.num_fewshot, t.limit or 0)  # noqa: E731
+    for (num_fewshot, limit), group in groupby(sorted(tasks, key=key), key=key):
+        group = list(group)
+        results = simple_evaluate(
+            model=lm,
+            tasks=[t.name for t in group],
+            num_fewshot=num_fewshot,
+            limit=limit or None,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+        for t in group:
+            scores[t.name] = _metric(results["results"], t)
+    if was_training:
+        model.train()
+    return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start)
+
+
+def _metric(results: dict, task: TaskConfig) -> float:
+    row = results.get(task.name)
+    if row is None:
+        raise KeyError(f"lm-eval returned no results for task {task.name!r}")
+    for key in (f"{task.metric},none", task.metric):
+        if key in row and row[key] is not None:
+            return float(row[key])
+    available = sorted(k for k in row if "," in k and "stderr" not in k)
+    raise KeyError(f"task {task.name!r} has no metric {task.metric!r}; it reports {available}")

@@ -1,0 +1,382 @@
+"""The sweep's configuration: YAML files loaded into typed dataclasses, with dotted overrides.
+
+A config file has the sections `study`, `model`, `data`, `trainer`,
+`evaluator`, `search_space` and `orchestration`. Loading checks every key
+against the dataclasses (unknown keys at any depth are errors), converts and
+checks types, and runs each section's `validate()`. Every error is a
+`ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from evaluator.config import EvalConfig, TaskConfig
+from trainer.config import DataConfig, LoraConfig, ModelConfig, SourceConfig, TrainConfig, doc
+
+DEMO_CONFIG_NAME = "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The Optuna study that holds the trials."""
+
+    name: str = doc("Study name in the storage; `sweep start` on an existing name adds trials to it.")
+    direction: Literal["maximize", "minimize"] = doc("Whether a higher objective is better.", default="maximize")
+    n_trials: int = doc("Trials to run per `sweep start` (overridden by --trials).", default=10)
+    seed: int = doc("Seeds the sampler and, with the trial number, each trial's training.", default=0)
+    sampler: Literal["tpe", "random"] = doc("Optuna sampler.", default="tpe")
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("name: must be a non-empty string")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials: must be >= 1, got {self.n_trials}")
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """The range of one searched parameter."""
+
+    type: Literal["float", "int", "categorical"] = doc("Kind of parameter.")
+    low: Optional[float] = doc("Lower bound (float, int).", default=None)
+    high: Optional[float] = doc("Upper bound (float, int).", default=None)
+    log: bool = doc("Sample on a log scale (float, int).", default=False)
+    step: Optional[float] = doc("Step between values (float, int); null for continuous floats.", default=None)
+    choices: Optional[list[Any]] = doc("Values to choose from (categorical).", default=None)
+
+    def validate(self) -> None:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("choices: a categorical parameter needs a non-empty list of choices")
+            return
+        if self.low is None or self.high is None:
+            raise ValueError(f"low: a {self.type} parameter needs low and high")
+        if self.low > self.high:
+            raise ValueError(f"low: must be <= high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"low: must be > 0 on a log scale, got {self.low}")
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """Where and how trials run."""
+
+    artifacts_dir: str = doc(
+        "Directory for adapters, generated eval data and task files; relative to the working directory.",
+        default="sweep-runs",
+    )
+    ray_address: Optional[str] = doc(
+        "Ray cluster to join (`auto`, `ray://host:10001`); null starts a local Ray.", default=None
+    )
+    cpus_per_trial: Optional[int] = doc(
+        "CPU cores (and torch threads) per trial; null: all cores on the cpu profile, 4 on a GPU.", default=None
+    )
+    trial_timeout_minutes: Optional[float] = doc(
+        "A trial running longer than this is cancelled and stored FAIL; null: no limit.", default=None
+    )
+
+    def validate(self) -> None:
+        if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
+            raise ValueError(f"cpus_per_trial: must be >= 1, got {self.cpus_per_trial}")
+        if self.trial_timeout_minutes is not None and self.trial_timeout_minutes <= 0:
+            raise ValueError(f"trial_timeout_minutes: must be > 0, got {self.trial_timeout_minutes}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole sweep: the study, the model and data, training, scoring and the search space."""
+
+    study: StudyConfig = doc("The Optuna study.")
+    model: ModelConfig = doc("The base model.")
+    data: DataConfig = doc("Training data.")
+    evaluator: EvalConfig = doc("Scoring.")
+    trainer: TrainConfig = doc("Training settings (the searched ones are overridden per trial).", default_factory=TrainConfig)
+    search_space: dict[str, ParamSpace] = doc(
+        "Searched parameters, keyed by the dotted path of the setting they replace "
+        "(e.g. trainer.learning_rate, trainer.lora.r).",
+        default_factory=dict,
+    )
+    orchestration: OrchestrationConfig = doc("Where and how trials run.", default_factory=OrchestrationConfig)
+
+    def validate(self) -> None:
+        sources = {s.name: s for s in self.data.sources}
+        for i, task in enumerate(self.evaluator.tasks):
+            if task.source is not None:
+                src = sources.get(task.source)
+                if src is None:
+                    raise ValueError(f"evaluator.tasks.{i}.source: no data source named {task.source!r}")
+                if src.kind != "synthetic":
+                    raise ValueError(
+                        f"evaluator.tasks.{i}.source: source {task.source!r} ({src.kind}) has no held-out split"
+                    )
+        for path, space in self.search_space.items():
+            _check_searchable(self, path, space)
+
+
+def _check_searchable(config: SweepConfig, path: str, space: ParamSpace) -> None:
+    key = f"search_space.{path}"
+    if not path.startswith("trainer."):
+        raise ValueError(f"{key}: only trainer.* settings can be searched")
+    try:
+        current = get_path(config, path)
+    except KeyError:
+        raise ValueError(f"{key}: {path} is not a setting") from None
+    if dataclasses.is_dataclass(current) or isinstance(current, (list, dict)):
+        raise ValueError(f"{key}: {path} is a section, not a single setting")
+    # Each sampled value must be a valid value of the setting it replaces.
+    values = space.choices if space.type == "categorical" else [space.low, space.high]
+    for value in values:
+        try:
+            override(config.trainer, {path.removeprefix("trainer."): value}, source="")
+        except ConfigError as e:
+            raise ValueError(f"{key}: value {value!r} is invalid for {path} ({e})") from None
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def demo_config_path() -> Path:
+    """Path of the demo config shipped inside the package."""
+    return Path(str(resources.files("sweep.configs").joinpath(DEMO_CONFIG_NAME)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
+    """Loads, overrides and validates a config; `path=None` loads the embedded demo config.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid, or an override is.
+    """
+    path = Path(path) if path is not None else demo_config_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_raw(raw, key, value, item)
+    config = from_dict(SweepConfig, raw, source=str(path))
+    return _resolve_paths(config, path.parent)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.path=value` -> (key.path, YAML-parsed value)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_raw(raw: dict, key: str, value: Any, item: str) -> None:
+    parts = _split_key(raw, key)
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])}: no such list item")
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, (dict, list)):
+            raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {item}: {key}: no such list item")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _split_key(raw: dict, key: str) -> list[str]:
+    """Splits a dotted key; search-space entries keep their dotted names whole.
+
+    `search_space.trainer.lora.r.high` -> [search_space, trainer.lora.r, high].
+    """
+    parts = key.split(".")
+    if parts[0] != "search_space" or len(parts) < 2:
+        return parts
+    space_fields = {f.name for f in dataclasses.fields(ParamSpace)}
+    if len(parts) > 2 and parts[-1] in space_fields:
+        return [parts[0], ".".join(parts[1:-1]), parts[-1]]
+    return [parts[0], ".".join(parts[1:])]
+
+
+def override(config, values: dict[str, Any], source: str = "override"):
+    """A copy of `config` (a dataclass) with dotted-path settings replaced and re-validated."""
+    raw = to_dict(config)
+    for key, value in values.items():
+        _set_raw(raw, key, value, f"{key}={value}")
+    return from_dict(type(config), raw, source=source)
+
+
+def get_path(obj, path: str):
+    for part in path.split("."):
+        if dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+            obj = getattr(obj, part)
+        elif isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            raise KeyError(path)
+    return obj
+
+
+def to_dict(obj) -> Any:
+    """Plain YAML-safe data of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls, data: Any, source: str, prefix: str = ""):
+    """Builds dataclass `cls` from plain data, checking keys, types and each `validate()`."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{prefix or 'config'}: expected a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        name = _join(prefix, str(unknown[0]))
+        raise ConfigError(f"{where}{name}: unknown key (expected one of {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}{key}: required key is missing")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], source, key)
+    obj = cls(**kwargs)
+    try:
+        obj.validate()
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}{_join(prefix, str(e))}") from None
+    return obj
+
+
+def _convert(tp, value, source: str, key: str):
+    where = f"{source}: " if source else ""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{key}: expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, source, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}{key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _resolve_paths(config: SweepConfig, base: Path) -> SweepConfig:
+    """Makes file paths in the config absolute, relative to the config file's directory."""
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return None if p is None else str((base / Path(p).expanduser()).resolve())
+
+    sources = [dataclasses.replace(s, path=absolute(s.path)) for s in config.data.sources]
+    tasks = [dataclasses.replace(t, data_file=absolute(t.data_file)) for t in config.evaluator.tasks]
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, sources=sources),
+        evaluator=dataclasses.replace(config.evaluator, tasks=tasks),
+    )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})"
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OrchestrationConfig",
+    "ParamSpace",
+    "SourceConfig",
+    "StudyConfig",
+    "SweepConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "load_config",
+]
