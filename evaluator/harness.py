@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from itertools import groupby
@@ -11,8 +10,6 @@ from pathlib import Path
 import yaml
 
 from evaluator.config import TaskConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,8 +62,6 @@ def evaluate(model, tokenizer, tasks: list[TaskConfig], task_dir: str | Path | N
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     was_training = model.training
     model.eval()

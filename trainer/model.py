@@ -90,7 +90,7 @@ def save_adapter(model, out_dir: str | Path, model_config: ModelConfig, hyperpar
     for peft_config in model.peft_config.values():
         peft_config.base_model_name_or_path = model_config.name_or_path
         peft_config.revision = model_config.revision
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, save_embedding_layers=False)
     with open(out_dir / "hyperparameters.yaml", "w") as f:
         yaml.safe_dump(hyperparameters, f, sort_keys=False)
     return out_dir

@@ -60,7 +60,7 @@ def train(model, tokenizer, rows: list[dict], config: TrainConfig, seed: int, wo
         work_dir: scratch directory for the Trainer (nothing is checkpointed).
     """
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     if not rows:
         raise ValueError("no training examples left after tokenization")
@@ -76,7 +76,7 @@ def train(model, tokenizer, rows: list[dict], config: TrainConfig, seed: int, wo
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         optim="adamw_torch",
-        gradient_checkpointing=config.gradient_checkpointing,
+        **{_checkpointing_arg(): config.gradient_checkpointing},
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         seed=seed,
@@ -90,6 +90,7 @@ def train(model, tokenizer, rows: list[dict], config: TrainConfig, seed: int, wo
     )
     collator = PadCollator(tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # losses stay in trainer.state.log_history
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -106,3 +107,13 @@ def train(model, tokenizer, rows: list[dict], config: TrainConfig, seed: int, wo
         peak_memory_gib=peak,
         final_loss=float(final_loss) if final_loss is not None and math.isfinite(final_loss) else None,
     )
+
+
+def _checkpointing_arg() -> str:
+    """transformers 5.2x renamed `gradient_checkpointing` (kept as a deprecated alias)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"

@@ -1,0 +1,204 @@
+"""The `sweep` command: start, status, export, validate.
+
+Heavy libraries (torch, ray, optuna, lm-eval) are imported inside the
+subcommands, so `sweep --help` answers at once. Expected errors (a bad config,
+a missing study, no GPU) exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+DEFAULT_STORAGE = "sqlite:///studies.db"
+
+
+class CliError(Exception):
+    """An error to report in one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweep",
+        description="QLoRA hyperparameter sweeps: Optuna proposes, Ray runs, lm-eval scores.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    start = sub.add_parser("start", help="run trials of a study (the offline demo without --config)")
+    start.add_argument("--config", help="sweep config YAML (default: the embedded demo config)")
+    start.add_argument(
+        "--gpu", choices=["cpu", "a100", "a100-80gb", "4090", "h100", "h200"],
+        help="target GPU profile (default: the visible card's, or cpu)",
+    )
+    start.add_argument("--trials", type=_positive_int, help="trials to run now (default: study.n_trials)")
+    start.add_argument("--study", help="study name (default: study.name of the config)")
+    start.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
+    start.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
+    start.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by dotted path, e.g. trainer.max_steps=50 (repeatable)")
+
+    status = sub.add_parser("status", help="show the trials of a study")
+    status.add_argument("--study", help="study name (default: the only study in the storage)")
+    status.add_argument("--storage", default=DEFAULT_STORAGE)
+    status.add_argument("--format", choices=["table", "json"], default="table")
+
+    export = sub.add_parser("export", help="copy a trial's adapter, hyperparameters and scores to a directory")
+    export.add_argument("--study", help="study name (default: the only study in the storage)")
+    export.add_argument("--storage", default=DEFAULT_STORAGE)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true", help="export the best trial")
+    which.add_argument("--trial", type=int, help="export this trial number")
+    export.add_argument("--out", required=True, help="destination directory")
+
+    validate = sub.add_parser("validate", help="check a config file without running anything")
+    validate.add_argument("file", help="sweep config YAML")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    commands = {"start": cmd_start, "status": cmd_status, "export": cmd_export, "validate": cmd_validate}
+    try:
+        return commands[args.command](args)
+    except CliError as e:
+        print(f"sweep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sweep {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_start(args) -> int:
+    from sweep.config import ConfigError, load_config
+    from sweep.gpus import GpuError, resolve_profile
+
+    try:
+        config = load_config(args.config, args.overrides)
+        address = args.address or config.orchestration.ray_address
+        profile = resolve_profile(args.gpu, local_check=address is None)
+    except (ConfigError, GpuError) as e:
+        raise CliError(str(e)) from None
+
+    from sweep.scheduler import run_sweep
+    from sweep.study import StudyError
+
+    study_name = args.study or config.study.name
+    n_trials = args.trials or config.study.n_trials
+    logging.getLogger("sweep").info(
+        "Study %r: %d trial(s) on profile %s, storage %s", study_name, n_trials, profile.name, args.storage
+    )
+    try:
+        outcome = run_sweep(
+            config, storage_url=args.storage, study_name=study_name, n_trials=n_trials,
+            profile=profile, address=address,
+        )
+    except (StudyError, GpuError) as e:
+        raise CliError(str(e)) from None
+    if outcome.best_number is None:
+        print(f"Study {study_name!r}: no trial completed.")
+    else:
+        print(f"Study {study_name!r}: best is trial {outcome.best_number} with value {outcome.best_value:.4f}. "
+              f"Export it with: sweep export --study {study_name} --storage {args.storage} --best --out DIR")
+    return 0
+
+
+def cmd_status(args) -> int:
+    status = _load_status(args)
+    if args.format == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_table(status))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sweep.export import export_trial
+
+    status = _load_status(args)
+    try:
+        out = export_trial(status, None if args.best else args.trial, args.out)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from sweep.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file, args.overrides)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    print(f"{args.file}: valid (study {config.study.name!r}, model {config.model.name_or_path}, "
+          f"{len(config.search_space)} searched parameter(s), {len(config.evaluator.tasks)} task(s))")
+    return 0
+
+
+def _load_status(args) -> dict:
+    from sweep.export import study_status
+    from sweep.store import Store
+    from sweep.study import StudyError, load_existing_study, make_storage
+
+    _require_existing_sqlite(args.storage)
+    try:
+        study = load_existing_study(make_storage(args.storage), args.study)
+    except StudyError as e:
+        raise CliError(str(e)) from None
+    return study_status(study, Store(args.storage))
+
+
+def _require_existing_sqlite(url: str) -> None:
+    """Reading commands must not create an empty database file."""
+    from pathlib import Path
+
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+        if not Path(url[len(prefix):]).exists():
+            raise CliError(f"no database at {url[len(prefix):]} (run `sweep start` first, or pass --storage)")
+
+
+def format_table(status: dict) -> str:
+    lines = [f"Study {status['study']} ({status['direction']})"]
+    base = status["baseline"]
+    if base:
+        lines.append(f"Baseline (untuned base): value={base['value']:.4f}")
+    param_names = sorted({k for t in status["trials"] for k in t["params"]})
+    header = ["#", "state", "value", *[p.split(".")[-1] for p in param_names], "train s", "note"]
+    rows = []
+    for t in status["trials"]:
+        note = t.get("fail_reason") or ""
+        rows.append([
+            str(t["number"]), t["state"], "" if t["value"] is None else f"{t['value']:.4f}",
+            *[_cell(t["params"].get(p)) for p in param_names],
+            "" if t.get("train_seconds") is None else f"{t['train_seconds']:.1f}", note[:60],
+        ])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    best = status["best"]
+    if best:
+        lines.append(f"Best: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The driver: Ray start-up, the baseline, and the ask -> run -> tell loop over trials.
+
+Optuna decides, Ray runs: each trial is one Ray task in a fresh worker process
+(`max_calls=1`, so nothing leaks from one trial's 4-bit model into the next).
+Only this process writes the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from evaluator.harness import write_choice_task
+from evaluator.score import objective
+from sweep.config import SweepConfig, to_dict
+from sweep.gpus import GpuError, GpuProfile
+from sweep.space import apply_params, suggest
+from sweep.store import Store, TrialRecord
+from sweep.study import best_trial, create_or_load_study, make_storage
+from sweep.worker import BaselineSpec, TrialSpec
+from trainer.data import heldout_docs, write_choice_docs
+from trainer.demo_base import DEMO_MODEL_ID
+
+log = logging.getLogger("sweep")
+
+# Passed to every worker through Ray's runtime_env when set in the driver's environment.
+_PASSED_ENV = (
+    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "SWEEP_CACHE_DIR",
+)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    study_name: str
+    trial_numbers: list[int]
+    best_number: Optional[int]
+    best_value: Optional[float]
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    storage_url: str,
+    study_name: str,
+    n_trials: int,
+    profile: GpuProfile,
+    address: Optional[str] = None,
+) -> SweepOutcome:
+    """Runs `n_trials` more trials of the study, recording each in the storage.
+
+    Each trial (and the baseline) runs as a Ray task in a fresh worker process
+    (`max_calls=1`): no 4-bit model memory is carried from one trial to the next.
+    """
+    cpus_per_trial = _cpus_per_trial(config, profile)
+    work_dir = Path(config.orchestration.artifacts_dir).expanduser().resolve() / study_name
+    start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
+
+    store = Store(storage_url)
+    study = create_or_load_study(config, make_storage(storage_url), study_name)
+    task_dir = str(prepare_tasks(config, work_dir))
+    remote = _remote_options(profile, cpus_per_trial)
+
+    if store.baseline(study_name) is None:
+        _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial)
+
+    numbers = []
+    for _ in range(n_trials):
+        numbers.append(_run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial))
+    best = best_trial(study)
+    return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
+
+
+def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
+    """Joins `address`, or starts a local Ray; checks that a GPU profile has GPUs to run on."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = dict(
+            runtime_env={"env_vars": env_vars},
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # A local Ray only offers GPUs a GPU profile asked for: with the cpu
+            # profile, trials must not wait for a GPU slot.
+            ray.init(num_cpus=os.cpu_count(), num_gpus=None if profile.uses_gpu else 0, **kwargs)
+    if profile.uses_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise GpuError(f"--gpu {profile.name}: the Ray cluster has no GPU; use --gpu cpu")
+
+
+def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
+    """Writes the local lm-eval tasks (and their held-out data) into the sweep's work area."""
+    task_dir = work_dir / "tasks"
+    sources = {s.name: s for s in config.data.sources}
+    for task in config.evaluator.tasks:
+        if task.source is not None:
+            data_file = write_choice_docs(
+                heldout_docs(sources[task.source]), config.data.template, work_dir / "data" / f"{task.name}.jsonl"
+            )
+            write_choice_task(task.name, data_file, task_dir)
+        elif task.data_file is not None:
+            write_choice_task(task.name, task.data_file, task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    return task_dir
+
+
+def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial) -> None:
+    import ray
+
+    from sweep.worker import run_baseline
+
+    log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
+    spec = BaselineSpec(model=config.model, eval=config.evaluator, task_dir=task_dir, num_threads=cpus_per_trial)
+    try:
+        result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**remote).remote(spec))
+    except ray.exceptions.RayError as e:
+        raise RuntimeError(f"scoring the base model failed: {_reason(e)}") from None
+    value = objective(result.scores, config.evaluator.tasks)
+    store.record_baseline(study_name, config.model.name_or_path, value, result.scores, result.eval_seconds)
+    log.info("Baseline: value=%.4f scores=%s", value, _fmt(result.scores))
+
+
+def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial) -> int:
+    import optuna
+    import ray
+
+    from sweep.worker import run_trial
+
+    trial = study.ask()
+    number = trial.number
+    started = _now()
+    try:
+        params = suggest(trial, config.search_space)
+        train_config = apply_params(config, params)
+        seed = config.study.seed * 1_000_003 + number
+        spec = TrialSpec(
+            study_name=study.study_name,
+            trial_number=number,
+            seed=seed,
+            params=params,
+            model=config.model,
+            data=config.data,
+            train=train_config,
+            eval=config.evaluator,
+            task_dir=task_dir,
+            adapter_dir=str(work_dir / "trials" / f"{number:04d}" / "adapter"),
+            hyperparameters={
+                "study": study.study_name, "trial": number, "seed": seed, "params": params,
+                **to_dict(config), "trainer": to_dict(train_config),
+            },
+            num_threads=cpus_per_trial,
+        )
+        log.info("Trial %d started: %s", number, _fmt(params))
+        ref = ray.remote(max_calls=1)(run_trial).options(**remote).remote(spec)
+        timeout = config.orchestration.trial_timeout_minutes
+        try:
+            result = ray.get(ref, timeout=timeout * 60 if timeout else None)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise TimeoutError(f"timed out after {timeout:g} minutes") from None
+    except BaseException as e:  # every trial ends COMPLETE or FAIL, also on Ctrl-C
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _reason(e)
+        trial.set_user_attr("fail_reason", reason)
+        store.record_trial(study.study_name, TrialRecord(
+            trial_number=number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
+            started_at=started, finished_at=_now(),
+        ))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning("Trial %d FAIL: %s", number, reason)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return number
+
+    value = objective(result.scores, config.evaluator.tasks)
+    metrics = {t.name: t.metric for t in config.evaluator.tasks}
+    store.record_trial(study.study_name, TrialRecord(
+        trial_number=number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
+        train_seconds=result.train_seconds, eval_seconds=result.eval_seconds,
+        tokens_per_second=result.tokens_per_second, peak_memory_gib=result.peak_memory_gib,
+        train_tokens=result.train_tokens, train_steps=result.train_steps, final_loss=result.final_loss,
+        data=result.data, started_at=started, finished_at=_now(),
+    ), metrics)
+    trial.set_user_attr("adapter_dir", result.adapter_dir)
+    trial.set_user_attr("scores", result.scores)
+    study.tell(trial, value)
+    best = best_trial(study)
+    log.info(
+        "Trial %d COMPLETE: value=%.4f params=%s train=%.1fs (%.0f tok/s) eval=%.1fs; best is trial %d (%.4f)",
+        number, value, _fmt(params), result.train_seconds, result.tokens_per_second, result.eval_seconds,
+        best.number, best.value,
+    )
+    return number
+
+
+def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:
+    return {
+        "num_cpus": cpus_per_trial,
+        "num_gpus": 1 if profile.uses_gpu else 0,
+        "max_retries": 0,
+    }
+
+
+def _cpus_per_trial(config: SweepConfig, profile: GpuProfile) -> int:
+    if config.orchestration.cpus_per_trial:
+        return config.orchestration.cpus_per_trial
+    cores = os.cpu_count() or 1
+    return cores if not profile.uses_gpu else min(4, cores)
+
+
+def _worker_env(config: SweepConfig, cpus_per_trial: int) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.update({
+        "OMP_NUM_THREADS": str(cpus_per_trial),
+        "MKL_NUM_THREADS": str(cpus_per_trial),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    })
+    if _is_offline(config):
+        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return env
+
+
+def _is_offline(config: SweepConfig) -> bool:
+    """A sweep that needs nothing from the hub runs with the offline flags on."""
+    return config.model.name_or_path == DEMO_MODEL_ID and all(t.is_local for t in config.evaluator.tasks)
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a trial failed, from the worker's original exception if any."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    message = text[-1] if text else ""
+    if type(cause).__name__ in ("OutOfMemoryError",) or "out of memory" in message.lower():
+        return f"out of memory: {message}"
+    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+
+
+def _fmt(values: dict) -> str:
+    parts = []
+    for k, v in values.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+

@@ -1,0 +1,28 @@
+"""The search space: config entries -> `trial.suggest_*` calls -> per-trial settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sweep.config import ParamSpace, SweepConfig, override
+from trainer.config import TrainConfig
+
+
+def suggest(trial, search_space: dict[str, ParamSpace]) -> dict[str, Any]:
+    """Samples every searched parameter of `trial` (an Optuna trial); keys are dotted paths."""
+    params = {}
+    for name, space in search_space.items():
+        if space.type == "categorical":
+            params[name] = trial.suggest_categorical(name, space.choices)
+        elif space.type == "int":
+            step = int(space.step) if space.step else 1
+            params[name] = trial.suggest_int(name, int(space.low), int(space.high), step=step, log=space.log)
+        else:
+            params[name] = trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
+    return params
+
+
+def apply_params(config: SweepConfig, params: dict[str, Any]) -> TrainConfig:
+    """The trainer settings of a trial: the config's, with the sampled values in place."""
+    values = {path.removeprefix("trainer."): value for path, value in params.items()}
+    return override(config.trainer, values, source="trial params")

@@ -1,0 +1,185 @@
+"""Our own tables in the study database: per-trial records, per-task scores, baselines.
+
+They live in the same SQLite file as Optuna's tables, under their own
+SQLAlchemy metadata (table names prefixed `sweep_`). Only the driver writes.
+The file runs in WAL mode with a busy timeout, so the dashboard and
+`sweep status` can read while the driver writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+SQLITE_BUSY_TIMEOUT_S = 30
+
+metadata = MetaData()
+
+trial_records = Table(
+    "sweep_trial_records",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_name", String(512), nullable=False, index=True),
+    Column("trial_number", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("adapter_dir", Text),
+    Column("train_seconds", Float),
+    Column("eval_seconds", Float),
+    Column("tokens_per_second", Float),
+    Column("peak_memory_gib", Float),
+    Column("train_tokens", Integer),
+    Column("train_steps", Integer),
+    Column("final_loss", Float),
+    Column("data", JSON),
+    Column("fail_reason", Text),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    UniqueConstraint("study_name", "trial_number"),
+)
+
+task_scores = Table(
+    "sweep_task_scores",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_name", String(512), nullable=False, index=True),
+    Column("trial_number", Integer, nullable=False),
+    Column("task", String(256), nullable=False),
+    Column("metric", String(128), nullable=False),
+    Column("value", Float, nullable=False),
+    UniqueConstraint("study_name", "trial_number", "task"),
+)
+
+baselines = Table(
+    "sweep_baselines",
+    metadata,
+    Column("study_name", String(512), primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("scores", JSON, nullable=False),
+    Column("eval_seconds", Float),
+    Column("created_at", DateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What `sweep status` shows of a trial beyond Optuna's own fields."""
+
+    trial_number: int
+    state: str
+    adapter_dir: Optional[str]
+    scores: dict[str, float]
+    train_seconds: Optional[float] = None
+    eval_seconds: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    peak_memory_gib: Optional[float] = None
+    train_tokens: Optional[int] = None
+    train_steps: Optional[int] = None
+    final_loss: Optional[float] = None
+    data: Optional[dict] = None
+    fail_reason: Optional[str] = None
+    started_at: Optional[dt.datetime] = None
+    finished_at: Optional[dt.datetime] = None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine on `url`; SQLite files get WAL mode and a busy timeout."""
+    is_sqlite = url.startswith("sqlite")
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {})
+    if is_sqlite:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+            cur.close()
+    return engine
+
+
+class Store:
+    """Reads and writes the `sweep_*` tables of one database."""
+
+    def __init__(self, url: str, create: bool = True):
+        self.engine = make_engine(url)
+        if create:
+            metadata.create_all(self.engine)
+
+    def has_tables(self) -> bool:
+        from sqlalchemy import inspect
+
+        return inspect(self.engine).has_table(trial_records.name)
+
+    # --- writes (driver only) ---
+
+    def record_trial(self, study_name: str, record: TrialRecord, metrics: dict[str, str] | None = None) -> None:
+        """Inserts or replaces a trial's record and its per-task scores."""
+        row = {k: v for k, v in record.__dict__.items() if k != "scores"}
+        with self.engine.begin() as conn:
+            conn.execute(
+                trial_records.delete().where(
+                    trial_records.c.study_name == study_name,
+                    trial_records.c.trial_number == record.trial_number,
+                )
+            )
+            conn.execute(task_scores.delete().where(
+                task_scores.c.study_name == study_name, task_scores.c.trial_number == record.trial_number
+            ))
+            conn.execute(trial_records.insert().values(study_name=study_name, **row))
+            for task, value in record.scores.items():
+                conn.execute(task_scores.insert().values(
+                    study_name=study_name, trial_number=record.trial_number, task=task,
+                    metric=(metrics or {}).get(task, ""), value=float(value),
+                ))
+
+    def record_baseline(self, study_name: str, model: str, value: float, scores: dict[str, float],
+                        eval_seconds: float | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(baselines.delete().where(baselines.c.study_name == study_name))
+            conn.execute(baselines.insert().values(
+                study_name=study_name, model=model, value=float(value), scores=scores,
+                eval_seconds=eval_seconds, created_at=_now(),
+            ))
+
+    # --- reads ---
+
+    def trials(self, study_name: str) -> dict[int, TrialRecord]:
+        with self.engine.connect() as conn:
+            scores: dict[int, dict[str, float]] = {}
+            for r in conn.execute(select(task_scores).where(task_scores.c.study_name == study_name)):
+                scores.setdefault(r.trial_number, {})[r.task] = r.value
+            out = {}
+            for r in conn.execute(select(trial_records).where(trial_records.c.study_name == study_name)):
+                fields = {k: v for k, v in r._mapping.items() if k not in ("id", "study_name")}
+                out[r.trial_number] = TrialRecord(scores=scores.get(r.trial_number, {}), **fields)
+            return out
+
+    def baseline(self, study_name: str) -> Optional[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(baselines).where(baselines.c.study_name == study_name)).first()
+        if r is None:
+            return None
+        scores = r.scores if isinstance(r.scores, dict) else json.loads(r.scores)
+        return {"model": r.model, "value": r.value, "scores": scores, "eval_seconds": r.eval_seconds}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)

@@ -1,0 +1,57 @@
+"""Shared fixtures: offline flags, a private model cache, one Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before anything imports transformers, datasets or lm-eval, and before
+# Ray starts, so that workers inherit them through the runtime_env.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    # A cache private to this test session: the demo base is built fresh, as on
+    # a new machine, and nothing is left in the user's cache.
+    if "SWEEP_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["SWEEP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sweep-test-cache-")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_base_dir():
+    """The demo base, built once per session into the private cache."""
+    from trainer.demo_base import ensure_demo_base
+
+    return ensure_demo_base()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for all tests that need it (start-up costs seconds)."""
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,67 @@
+"""The `sweep` command line: help, quick answers, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sweep.cli import build_parser
+
+
+def run_cli(*args, cwd=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("start", "status", "export", "validate"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("start", ["--config", "--gpu", "--trials", "--study", "--storage", "--set", "--address"]),
+    ("status", ["--study", "--storage", "--format"]),
+    ("export", ["--study", "--storage", "--best", "--trial", "--out"]),
+])
+def test_subcommand_help_names_the_contract_flags(command, flags):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    for flag in flags:
+        assert flag in result.stdout
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["start"])
+    assert args.config is None and args.gpu is None and args.trials is None
+    assert args.storage == "sqlite:///studies.db"
+    args = build_parser().parse_args(["status"])
+    assert args.format == "table"
+
+
+def test_cli_module_imports_no_heavy_library():
+    code = (
+        "import sys, sweep.cli; sweep.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'ray', 'optuna', 'lm_eval', 'transformers') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_status_without_database_is_a_one_line_error(tmp_path):
+    result = run_cli("status", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no database" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_export_needs_best_or_trial(tmp_path):
+    result = run_cli("export", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--best" in result.stderr

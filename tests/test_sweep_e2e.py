@@ -1,0 +1,91 @@
+"""A real sweep through Ray: Optuna ask/tell, QLoRA trials, lm-eval scores, SQLite, export."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from sweep.cli import main
+
+
+def run(capsys, *args) -> str:
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep-e2e")
+
+
+def status(capsys, storage, study="e2e") -> dict:
+    return json.loads(run(capsys, "status", "--storage", storage, "--study", study, "--format", "json"))
+
+
+def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, capsys, ray_session):
+    monkeypatch.chdir(workdir)
+    storage = f"sqlite:///{workdir / 'studies.db'}"
+    common = ["--storage", storage, "--study", "e2e", "--gpu", "cpu",
+              "--set", "trainer.max_steps=60", "--set", f"orchestration.artifacts_dir={workdir / 'runs'}"]
+
+    run(capsys, "start", "--trials", "2", *common)
+    first = status(capsys, storage)
+    assert first["study"] == "e2e" and first["direction"] == "maximize"
+    trials = first["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        assert isinstance(t["value"], float) and 0.0 <= t["value"] <= 1.0
+        assert set(t["scores"]) == {"demo_digits"} and t["scores"]["demo_digits"] == t["value"]
+        assert t["train_steps"] == 60 and t["tokens_per_second"] > 0
+        assert t["peak_memory_gib"] is None
+        assert set(t["params"]) == {"trainer.learning_rate", "trainer.lora.r", "trainer.lora.alpha",
+                                    "trainer.lora.dropout"}
+    assert trials[0]["params"] != trials[1]["params"]
+    assert first["baseline"] is not None and set(first["baseline"]["scores"]) == {"demo_digits"}
+    best = first["best"]
+    assert best["value"] == max(t["value"] for t in trials)
+    assert (workdir / "runs" / "e2e" / "trials").is_dir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml"):
+        assert (workdir / "runs" / "e2e" / "trials" / f"{best['number']:04d}" / "adapter" / name).exists()
+
+    # The baseline lives in our table, not as an Optuna trial.
+    con = sqlite3.connect(workdir / "studies.db")
+    assert con.execute("select count(*) from trials").fetchone()[0] == 2
+    assert con.execute("select count(*) from sweep_baselines").fetchone()[0] == 1
+    assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+    # Export the best trial and load it with peft from what the export records.
+    out = workdir / "export"
+    run(capsys, "export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["trial"] == best["number"] and scores["value"] == best["value"]
+    assert "learning_rate" in (out / "hyperparameters.yaml").read_text()
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.demo_base import resolve_model_path
+
+    recorded = PeftConfig.from_pretrained(str(out))
+    assert recorded.base_model_name_or_path == "sweep-demo/tiny-llama"
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(recorded.base_model_name_or_path))
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    # Two more trials on the same study, each failing at run time: both end FAIL
+    # with a reason (the second ran after the first failed); earlier trials stay.
+    run(capsys, "start", "--trials", "2", *common, "--set", "trainer.lora.target_modules=[no_such_module]")
+    after = status(capsys, storage)
+    assert len(after["trials"]) == 4
+    assert after["trials"][:2] == first["trials"]
+    for t in after["trials"][2:]:
+        assert t["state"] == "FAIL" and t["value"] is None
+        assert "no_such_module" in t["fail_reason"]
+    assert after["best"] == first["best"] and after["baseline"] == first["baseline"]
+    table = run(capsys, "status", "--storage", storage)
+    assert "FAIL" in table and "COMPLETE" in table
