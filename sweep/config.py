@@ -171,8 +171,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _set_raw(raw, key, value, item)
-    config = from_dict(SweepConfig, raw, source=str(path))
-    return _resolve_paths(config, path.parent)
+    config = _resolve_paths(from_dict(SweepConfig, raw, source=str(path)), path.parent)
+    _check_files_exist(config, str(path))
+    return config
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -355,6 +356,15 @@ def _resolve_paths(config: SweepConfig, base: Path) -> SweepConfig:
     )
 
 
+def _check_files_exist(config: SweepConfig, source: str) -> None:
+    for i, s in enumerate(config.data.sources):
+        if s.path is not None and not Path(s.path).is_file():
+            raise ConfigError(f"{source}: data.sources.{i}.path: no such file {s.path}")
+    for i, t in enumerate(config.evaluator.tasks):
+        if t.data_file is not None and not Path(t.data_file).is_file():
+            raise ConfigError(f"{source}: evaluator.tasks.{i}.data_file: no such file {t.data_file}")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -380,3 +390,61 @@ __all__ = [
     "TrainConfig",
     "load_config",
 ]
+
+
+def reference_rows(cls=SweepConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every config key, depth first, for the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        inner = _dataclass_in(tp)
+        if f.default is not dataclasses.MISSING:
+            default = "null" if f.default is None else yaml.safe_dump(f.default, default_flow_style=True).strip()
+            default = default.removesuffix("\n...").strip()
+        elif f.default_factory is not dataclasses.MISSING and not dataclasses.is_dataclass(tp):
+            value = f.default_factory()
+            default = yaml.safe_dump(value, default_flow_style=True).strip() if value else "(empty)"
+        elif dataclasses.is_dataclass(tp):
+            default = "(section)"
+        else:
+            default = "required"
+        rows.append((key, _type_name(tp), default, f.metadata.get("doc", "")))
+        if inner is not None:
+            child_prefix = key + ("[]" if typing.get_origin(tp) is list else ".<name>" if typing.get_origin(tp) is dict else "")
+            rows.extend(reference_rows(inner, child_prefix))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, tp, default, meaning in reference_rows():
+        lines.append(f"| `{key}` | {tp} | `{default}` | {meaning} |".replace("``", "`"))
+    return "\n".join(lines)
+
+
+def _dataclass_in(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"map of {_type_name(args[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))

@@ -142,3 +142,17 @@ def test_validate_command(tmp_path):
     result = _sweep("validate", str(bad), cwd=tmp_path)
     assert result.returncode == 2
     assert "trainer.learning_rate" in result.stderr and str(bad) in result.stderr
+
+
+def test_readme_documents_every_config_key():
+    from sweep.config import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme, "README's config reference is stale: paste reference_markdown()"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    test_command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest'
+    assert test_command in readme.split("\n## ")[0]  # among the set-up commands at the top
+    assert test_command in (ROOT / ".ci" / "run").read_text()
