@@ -47,7 +47,9 @@ def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) ->
     return path
 
 
-def evaluate(model, tokenizer, tasks: list[TaskConfig], task_dir: str | Path | None, batch_size: int = 16) -> EvalResult:
+def evaluate(
+    model, tokenizer, tasks: list[TaskConfig], task_dir: str | Path | None, batch_size: int = 16
+) -> EvalResult:
     """Scores `model` on `tasks` with lm-eval and returns each task's metric.
 
     Args:

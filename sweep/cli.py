@@ -180,7 +180,7 @@ def format_table(status: dict) -> str:
         ])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     best = status["best"]
     if best:
         lines.append(f"Best: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")

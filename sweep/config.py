@@ -103,7 +103,9 @@ class SweepConfig:
     model: ModelConfig = doc("The base model.")
     data: DataConfig = doc("Training data.")
     evaluator: EvalConfig = doc("Scoring.")
-    trainer: TrainConfig = doc("Training settings (the searched ones are overridden per trial).", default_factory=TrainConfig)
+    trainer: TrainConfig = doc(
+        "Training settings (the searched ones are overridden per trial).", default_factory=TrainConfig
+    )
     search_space: dict[str, ParamSpace] = doc(
         "Searched parameters, keyed by the dotted path of the setting they replace "
         "(e.g. trainer.learning_rate, trainer.lora.r).",
@@ -412,7 +414,8 @@ def reference_rows(cls=SweepConfig, prefix: str = "") -> list[tuple[str, str, st
             default = "required"
         rows.append((key, _type_name(tp), default, f.metadata.get("doc", "")))
         if inner is not None:
-            child_prefix = key + ("[]" if typing.get_origin(tp) is list else ".<name>" if typing.get_origin(tp) is dict else "")
+            suffix = {list: "[]", dict: ".<name>"}.get(typing.get_origin(tp), "")
+            child_prefix = key + suffix
             rows.extend(reference_rows(inner, child_prefix))
     return rows
 

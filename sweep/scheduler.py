@@ -119,7 +119,8 @@ def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial) -
     from sweep.worker import run_baseline
 
     log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
-    spec = BaselineSpec(model=config.model, eval=config.evaluator, task_dir=task_dir, num_threads=cpus_per_trial)
+    spec = BaselineSpec(model=config.model, eval=config.evaluator, task_dir=task_dir, num_threads=cpus_per_trial,
+                        log_file=str(Path(task_dir).parent / "baseline.log"))
     try:
         result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**remote).remote(spec))
     except ray.exceptions.RayError as e:
@@ -130,75 +131,84 @@ def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial) -
 
 
 def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial) -> int:
+    """Asks for a trial, runs it as a Ray task, records it and tells Optuna how it ended."""
     import optuna
     import ray
 
     from sweep.worker import run_trial
 
     trial = study.ask()
-    number = trial.number
     started = _now()
+    ref = None
     try:
         params = suggest(trial, config.search_space)
-        train_config = apply_params(config, params)
-        seed = config.study.seed * 1_000_003 + number
-        spec = TrialSpec(
-            study_name=study.study_name,
-            trial_number=number,
-            seed=seed,
-            params=params,
-            model=config.model,
-            data=config.data,
-            train=train_config,
-            eval=config.evaluator,
-            task_dir=task_dir,
-            adapter_dir=str(work_dir / "trials" / f"{number:04d}" / "adapter"),
-            hyperparameters={
-                "study": study.study_name, "trial": number, "seed": seed, "params": params,
-                **to_dict(config), "trainer": to_dict(train_config),
-            },
-            num_threads=cpus_per_trial,
-        )
-        log.info("Trial %d started: %s", number, _fmt(params))
+        spec = _trial_spec(config, study.study_name, trial.number, params, task_dir, work_dir, cpus_per_trial)
+        log.info("Trial %d started: %s", trial.number, _fmt(params))
         ref = ray.remote(max_calls=1)(run_trial).options(**remote).remote(spec)
         timeout = config.orchestration.trial_timeout_minutes
         try:
             result = ray.get(ref, timeout=timeout * 60 if timeout else None)
         except ray.exceptions.GetTimeoutError:
-            ray.cancel(ref, force=True)
             raise TimeoutError(f"timed out after {timeout:g} minutes") from None
     except BaseException as e:  # every trial ends COMPLETE or FAIL, also on Ctrl-C
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _reason(e)
+        if ref is not None and not isinstance(e, ray.exceptions.RayTaskError):
+            ray.cancel(ref, force=True)
         trial.set_user_attr("fail_reason", reason)
         store.record_trial(study.study_name, TrialRecord(
-            trial_number=number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
+            trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
             started_at=started, finished_at=_now(),
         ))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log.warning("Trial %d FAIL: %s", number, reason)
+        log.warning("Trial %d FAIL: %s%s", trial.number, reason,
+                    f" (worker log: {spec.log_file})" if ref is not None else "")
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return number
+        return trial.number
 
     value = objective(result.scores, config.evaluator.tasks)
-    metrics = {t.name: t.metric for t in config.evaluator.tasks}
     store.record_trial(study.study_name, TrialRecord(
-        trial_number=number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
+        trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
         train_seconds=result.train_seconds, eval_seconds=result.eval_seconds,
         tokens_per_second=result.tokens_per_second, peak_memory_gib=result.peak_memory_gib,
         train_tokens=result.train_tokens, train_steps=result.train_steps, final_loss=result.final_loss,
         data=result.data, started_at=started, finished_at=_now(),
-    ), metrics)
+    ), metrics={t.name: t.metric for t in config.evaluator.tasks})
+    # Attributes must be set before tell: a finished trial can't be updated.
     trial.set_user_attr("adapter_dir", result.adapter_dir)
     trial.set_user_attr("scores", result.scores)
     study.tell(trial, value)
     best = best_trial(study)
     log.info(
         "Trial %d COMPLETE: value=%.4f params=%s train=%.1fs (%.0f tok/s) eval=%.1fs; best is trial %d (%.4f)",
-        number, value, _fmt(params), result.train_seconds, result.tokens_per_second, result.eval_seconds,
-        best.number, best.value,
+        trial.number, value, _fmt(params), result.train_seconds, result.tokens_per_second,
+        result.eval_seconds, best.number, best.value,
     )
-    return number
+    return trial.number
+
+
+def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per_trial) -> TrialSpec:
+    """The plain-data description of a trial that travels to its worker."""
+    train_config = apply_params(config, params)
+    seed = config.study.seed * 1_000_003 + number
+    return TrialSpec(
+        study_name=study_name,
+        trial_number=number,
+        seed=seed,
+        params=params,
+        model=config.model,
+        data=config.data,
+        train=train_config,
+        eval=config.evaluator,
+        task_dir=task_dir,
+        adapter_dir=str(work_dir / "trials" / f"{number:04d}" / "adapter"),
+        log_file=str(work_dir / "trials" / f"{number:04d}" / "worker.log"),
+        hyperparameters={
+            "study": study_name, "trial": number, "seed": seed, "params": params,
+            **to_dict(config), "trainer": to_dict(train_config),
+        },
+        num_threads=cpus_per_trial,
+    )
 
 
 def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:

@@ -6,8 +6,10 @@ study database: the driver records what they return.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ class TrialSpec:
     hyperparameters: dict = field(default_factory=dict)
     """The resolved config, saved as hyperparameters.yaml beside the adapter."""
     num_threads: Optional[int] = None
+    log_file: Optional[str] = None
+    """Where the worker's stdout and stderr go (library logs, progress bars); None: inherited."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class BaselineSpec:
     eval: EvalConfig
     task_dir: str
     num_threads: Optional[int] = None
+    log_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,11 @@ class BaselineResult:
 
 def run_trial(spec: TrialSpec) -> TrialResult:
     """Loads the 4-bit base, trains a fresh LoRA adapter, scores it, saves it."""
+    with _output_to(spec.log_file):
+        return _run_trial(spec)
+
+
+def _run_trial(spec: TrialSpec) -> TrialResult:
     _setup_process(spec.num_threads)
     from transformers import set_seed
 
@@ -109,14 +119,44 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 
 def run_baseline(spec: BaselineSpec) -> BaselineResult:
     """Scores the untuned 4-bit base (building the demo base first if that is the model)."""
-    _setup_process(spec.num_threads)
-    from evaluator.harness import evaluate
-    from trainer.model import load_base_model, load_tokenizer
+    with _output_to(spec.log_file):
+        _setup_process(spec.num_threads)
+        from evaluator.harness import evaluate
+        from trainer.model import load_base_model, load_tokenizer
 
-    tokenizer = load_tokenizer(spec.model)
-    model = load_base_model(spec.model)
-    evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
-    return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
+        tokenizer = load_tokenizer(spec.model)
+        model = load_base_model(spec.model)
+        evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
+        return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Optional[str]):
+    """Sends this process's stdout and stderr (file descriptors included) to `log_file`.
+
+    Library output (progress bars, warnings, subprocesses) lands in the
+    trial's log instead of the driver's terminal. Safe because each trial has
+    a worker process of its own.
+    """
+    if log_file is None:
+        yield
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _setup_process(num_threads: Optional[int]) -> None:

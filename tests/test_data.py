@@ -7,12 +7,12 @@ import json
 from trainer.config import DataConfig, SourceConfig
 from trainer.data import (
     IGNORE_INDEX,
+    DataStats,
     Example,
     digit_task,
     format_prompt,
     load_train_examples,
     tokenize_examples,
-    DataStats,
 )
 from trainer.demo_base import build_tokenizer
 

@@ -52,6 +52,9 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cap
     assert (workdir / "runs" / "e2e" / "trials").is_dir()
     for name in ("adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml"):
         assert (workdir / "runs" / "e2e" / "trials" / f"{best['number']:04d}" / "adapter" / name).exists()
+    # Library output of each worker goes to the trial's own log, not the driver's terminal.
+    assert (workdir / "runs" / "e2e" / "trials" / "0000" / "worker.log").exists()
+    assert (workdir / "runs" / "e2e" / "baseline.log").exists()
 
     # The baseline lives in our table, not as an Optuna trial.
     con = sqlite3.connect(workdir / "studies.db")

@@ -63,7 +63,9 @@ class SourceConfig:
                 raise ValueError("path: required for a jsonl source")
             unknown = set(self.fields) - {"instruction", "input", "response"}
             if unknown:
-                raise ValueError(f"fields: unknown target {sorted(unknown)[0]!r}; expected instruction, input, response")
+                raise ValueError(
+                    f"fields: unknown target {sorted(unknown)[0]!r}; expected instruction, input, response"
+                )
             if "instruction" not in self.fields or "response" not in self.fields:
                 raise ValueError("fields: must map instruction and response")
         if self.num_train < 1:
@@ -122,7 +124,9 @@ class TrainConfig:
     micro_batch_size: int = doc("Examples per forward pass.", default=8)
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", default=1)
     warmup_fraction: float = doc("Fraction of the steps spent in linear warmup.", default=0.05)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = doc("Learning-rate schedule after warmup.", default="cosine")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = doc(
+        "Learning-rate schedule after warmup.", default="cosine"
+    )
     weight_decay: float = doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = doc("Gradient clipping norm.", default=1.0)
     gradient_checkpointing: bool = doc("Recompute activations in the backward pass to save memory.", default=False)

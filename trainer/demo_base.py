@@ -147,7 +147,7 @@ def _learn_merges(words: Counter, n_merges: int) -> list[tuple[str, str]]:
     for _ in range(n_merges):
         pairs: Counter = Counter()
         for w, syms in splits.items():
-            for a, b in zip(syms, syms[1:]):
+            for a, b in zip(syms, syms[1:], strict=False):
                 pairs[(a, b)] += words[w]
         if not pairs:
             break
@@ -200,3 +200,8 @@ def build_model(vocab_size: int, seed: int = 0):
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+if __name__ == "__main__":
+    # `python -m trainer.demo_base` prints the demo base's local path, building it if needed.
+    print(ensure_demo_base())
