@@ -66,6 +66,11 @@ def evaluate(
 
     start = time.perf_counter()
     was_training = model.training
+    # Caution for callers that train again afterwards: on CPUs with AVX512-BF16,
+    # bitsandbytes repacks 4-bit weights for inference the first time a
+    # Linear4bit runs in eval mode without grad, and that layout has no backward
+    # through the base layers. Trials therefore train before they evaluate; a
+    # base kept across trials must restore the training layout first.
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # The default task index costs seconds to build: only load it for hub tasks.

@@ -84,7 +84,7 @@ def cmd_start(args) -> int:
     except (ConfigError, GpuError) as e:
         raise CliError(str(e)) from None
 
-    from sweep.scheduler import run_sweep
+    from sweep.scheduler import SweepError, run_sweep
     from sweep.study import StudyError
 
     study_name = args.study or config.study.name
@@ -97,7 +97,7 @@ def cmd_start(args) -> int:
             config, storage_url=args.storage, study_name=study_name, n_trials=n_trials,
             profile=profile, address=address,
         )
-    except (StudyError, GpuError) as e:
+    except (StudyError, GpuError, SweepError) as e:
         raise CliError(str(e)) from None
     if outcome.best_number is None:
         print(f"Study {study_name!r}: no trial completed.")
@@ -150,7 +150,7 @@ def _load_status(args) -> dict:
         study = load_existing_study(make_storage(args.storage), args.study)
     except StudyError as e:
         raise CliError(str(e)) from None
-    return study_status(study, Store(args.storage))
+    return study_status(study, Store(args.storage, create=False))
 
 
 def _require_existing_sqlite(url: str) -> None:

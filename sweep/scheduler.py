@@ -34,6 +34,10 @@ _PASSED_ENV = (
 )
 
 
+class SweepError(RuntimeError):
+    """The sweep cannot go on (e.g. the base model does not load)."""
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
     study_name: str
@@ -60,17 +64,18 @@ def run_sweep(
     work_dir = Path(config.orchestration.artifacts_dir).expanduser().resolve() / study_name
     start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
 
-    store = Store(storage_url)
     study = create_or_load_study(config, make_storage(storage_url), study_name)
+    store = Store(storage_url)
     task_dir = str(prepare_tasks(config, work_dir))
     remote = _remote_options(profile, cpus_per_trial)
+    device = "cuda" if profile.uses_gpu else "cpu"
 
     if store.baseline(study_name) is None:
-        _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial)
+        _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device)
 
     numbers = []
     for _ in range(n_trials):
-        numbers.append(_run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial))
+        numbers.append(_run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial, device))
     best = best_trial(study)
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
 
@@ -113,24 +118,24 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
     return task_dir
 
 
-def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial) -> None:
+def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device) -> None:
     import ray
 
     from sweep.worker import run_baseline
 
     log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
     spec = BaselineSpec(model=config.model, eval=config.evaluator, task_dir=task_dir, num_threads=cpus_per_trial,
-                        log_file=str(Path(task_dir).parent / "baseline.log"))
+                        log_file=str(Path(task_dir).parent / "baseline.log"), device=device)
     try:
         result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**remote).remote(spec))
     except ray.exceptions.RayError as e:
-        raise RuntimeError(f"scoring the base model failed: {_reason(e)}") from None
+        raise SweepError(f"scoring the base model failed: {_reason(e)} (log: {spec.log_file})") from None
     value = objective(result.scores, config.evaluator.tasks)
     store.record_baseline(study_name, config.model.name_or_path, value, result.scores, result.eval_seconds)
     log.info("Baseline: value=%.4f scores=%s", value, _fmt(result.scores))
 
 
-def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial) -> int:
+def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial, device) -> int:
     """Asks for a trial, runs it as a Ray task, records it and tells Optuna how it ended."""
     import optuna
     import ray
@@ -142,7 +147,8 @@ def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_tr
     ref = None
     try:
         params = suggest(trial, config.search_space)
-        spec = _trial_spec(config, study.study_name, trial.number, params, task_dir, work_dir, cpus_per_trial)
+        spec = _trial_spec(config, study.study_name, trial.number, params, task_dir, work_dir, cpus_per_trial,
+                           device)
         log.info("Trial %d started: %s", trial.number, _fmt(params))
         ref = ray.remote(max_calls=1)(run_trial).options(**remote).remote(spec)
         timeout = config.orchestration.trial_timeout_minutes
@@ -187,7 +193,7 @@ def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_tr
     return trial.number
 
 
-def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per_trial) -> TrialSpec:
+def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per_trial, device) -> TrialSpec:
     """The plain-data description of a trial that travels to its worker."""
     train_config = apply_params(config, params)
     seed = config.study.seed * 1_000_003 + number
@@ -208,6 +214,7 @@ def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per
             **to_dict(config), "trainer": to_dict(train_config),
         },
         num_threads=cpus_per_trial,
+        device=device,
     )
 
 

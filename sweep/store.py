@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -119,14 +120,11 @@ class Store:
     """Reads and writes the `sweep_*` tables of one database."""
 
     def __init__(self, url: str, create: bool = True):
+        """Opens the store; `create=False` (readers) never creates tables, and reads as empty without them."""
         self.engine = make_engine(url)
         if create:
             metadata.create_all(self.engine)
-
-    def has_tables(self) -> bool:
-        from sqlalchemy import inspect
-
-        return inspect(self.engine).has_table(trial_records.name)
+        self._readable = create or inspect(self.engine).has_table(trial_records.name)
 
     # --- writes (driver only) ---
 
@@ -162,6 +160,8 @@ class Store:
     # --- reads ---
 
     def trials(self, study_name: str) -> dict[int, TrialRecord]:
+        if not self._readable:
+            return {}
         with self.engine.connect() as conn:
             scores: dict[int, dict[str, float]] = {}
             for r in conn.execute(select(task_scores).where(task_scores.c.study_name == study_name)):
@@ -173,6 +173,8 @@ class Store:
             return out
 
     def baseline(self, study_name: str) -> Optional[dict[str, Any]]:
+        if not self._readable:
+            return None
         with self.engine.connect() as conn:
             r = conn.execute(select(baselines).where(baselines.c.study_name == study_name)).first()
         if r is None:

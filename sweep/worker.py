@@ -40,6 +40,8 @@ class TrialSpec:
     num_threads: Optional[int] = None
     log_file: Optional[str] = None
     """Where the worker's stdout and stderr go (library logs, progress bars); None: inherited."""
+    device: str = "cpu"
+    """`cuda` for GPU profiles; `cpu` keeps a trial off the GPU even where one is visible."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class BaselineSpec:
     task_dir: str
     num_threads: Optional[int] = None
     log_file: Optional[str] = None
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def _run_trial(spec: TrialSpec) -> TrialResult:
     rows = tokenize_examples(
         tokenizer, load_train_examples(spec.data, stats), spec.data.template, spec.data.max_seq_length
     )
-    model = attach_lora(load_base_model(spec.model), spec.train.lora, spec.train.gradient_checkpointing)
+    model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora, spec.train.gradient_checkpointing)
     with tempfile.TemporaryDirectory(prefix="sweep-trainer-") as work_dir:
         trained = train(model, tokenizer, rows, spec.train, seed=spec.seed, work_dir=work_dir)
     evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
@@ -125,7 +128,7 @@ def run_baseline(spec: BaselineSpec) -> BaselineResult:
         from trainer.model import load_base_model, load_tokenizer
 
         tokenizer = load_tokenizer(spec.model)
-        model = load_base_model(spec.model)
+        model = load_base_model(spec.model, spec.device)
         evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
         return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
 

@@ -64,7 +64,7 @@ def train(model, tokenizer, rows: list[dict], config: TrainConfig, seed: int, wo
 
     if not rows:
         raise ValueError("no training examples left after tokenization")
-    on_gpu = torch.cuda.is_available()
+    on_gpu = next(model.parameters()).device.type == "cuda"
     args = TrainingArguments(
         output_dir=work_dir,
         max_steps=config.max_steps,
