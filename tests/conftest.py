@@ -22,6 +22,8 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["SWEEP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sweep-test-cache-")
+        # The demo base registers itself in the hub cache: keep that private too.
+        os.environ["HF_HUB_CACHE"] = os.path.join(os.environ["SWEEP_CACHE_DIR"], "hub")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,3 +31,11 @@ def test_tokenizer_is_bpe_with_bos_and_roundtrips():
     assert tok.decode(ids, skip_special_tokens=True) == text
     # Merges make the demo's words single tokens.
     assert len(tok.tokenize(" even")) == 1
+
+
+def test_demo_id_loads_with_plain_transformers_offline(demo_base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_ID)
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL_ID)
+    assert model.config.hidden_size == 128 and tok.bos_token == "<s>"

@@ -79,6 +79,11 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cap
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(recorded.base_model_name_or_path))
     model = PeftModel.from_pretrained(base, str(out))
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # peft's auto class resolves the recorded base by itself (the hub cache, offline).
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert type(auto.get_base_model()).__name__ == "LlamaForCausalLM"
 
     # Two more trials on the same study, each failing at run time: both end FAIL
     # with a reason (the second ran after the first failed); earlier trials stay.

@@ -74,10 +74,55 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def ensure_demo_base(root: Path | None = None) -> Path:
-    """Builds the demo base under `root` (default: the cache) unless present; returns its dir."""
+    """Builds the demo base under `root` (default: the cache) unless present; returns its dir.
+
+    The build is also registered in the Hugging Face hub cache under
+    `DEMO_MODEL_ID`, so plain `from_pretrained("sweep-demo/tiny-llama")` (and
+    peft's auto classes reading an adapter's `base_model_name_or_path`) find
+    it offline.
+    """
     target = (root or cache_root() / "models") / f"tiny-llama-v{_BUILD_VERSION}"
-    if (target / "sweep_demo_base.json").exists():
-        return target
+    if not (target / "sweep_demo_base.json").exists():
+        _build_atomically(target)
+    if root is None:
+        register_in_hub_cache(target)
+    return target
+
+
+def register_in_hub_cache(build_dir: Path) -> Path | None:
+    """Copies the build into the hub cache layout (refs/main -> snapshots/<hash>/); idempotent.
+
+    Returns the snapshot directory, or None when the hub cache is not writable.
+    """
+    from huggingface_hub import constants
+
+    manifest = (build_dir / "sweep_demo_base.json").read_bytes()
+    commit = hashlib.sha1(manifest).hexdigest()
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + DEMO_MODEL_ID.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    try:
+        if not (snapshot / "sweep_demo_base.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=_mkdir(repo_dir)))
+            for f in build_dir.iterdir():
+                shutil.copy2(f, tmp / f.name)
+            _mkdir(snapshot.parent)
+            try:
+                os.rename(tmp, snapshot)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _mkdir(repo_dir / "refs")
+        (repo_dir / "refs" / "main").write_text(commit)
+    except OSError:
+        return None
+    return snapshot
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_atomically(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp dir and rename, so concurrent workers never see
     # half-written files; the loser of a race discards its copy.
@@ -91,7 +136,6 @@ def ensure_demo_base(root: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def build_demo_base(out_dir: Path) -> dict:
