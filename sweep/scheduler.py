@@ -27,6 +27,8 @@ from trainer.demo_base import DEMO_MODEL_ID
 
 log = logging.getLogger("sweep")
 
+_MAX_REASON_CHARS = 500
+
 # Passed to every worker through Ray's runtime_env when set in the driver's environment.
 _PASSED_ENV = (
     "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE",
@@ -35,7 +37,7 @@ _PASSED_ENV = (
 
 
 class SweepError(RuntimeError):
-    """The sweep cannot go on (e.g. the base model does not load)."""
+    """A step of the sweep failed (e.g. the base model could not be scored)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,11 @@ def run_sweep(
     device = "cuda" if profile.uses_gpu else "cpu"
 
     if store.baseline(study_name) is None:
-        _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device)
+        try:
+            _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device)
+        except SweepError as e:
+            # The trials will fail too and store why; the next start retries the baseline.
+            log.warning("%s; going on without a baseline", e)
 
     numbers = []
     for _ in range(n_trials):
@@ -257,11 +263,12 @@ def _is_offline(config: SweepConfig) -> bool:
 def _reason(error: BaseException) -> str:
     """One line saying why a trial failed, from the worker's original exception if any."""
     cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    message = text[-1] if text else ""
-    if type(cause).__name__ in ("OutOfMemoryError",) or "out of memory" in message.lower():
-        return f"out of memory: {message}"
-    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    if type(cause).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
+        reason = f"out of memory: {message}"
+    else:
+        reason = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
 
 
 def _fmt(values: dict) -> str:
