@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, help="export this trial number")
     export.add_argument("--out", required=True, help="destination directory")
 
+    dashboard = sub.add_parser("dashboard", help="serve the Optuna dashboard for the study database")
+    dashboard.add_argument("--storage", default=DEFAULT_STORAGE)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    dashboard.add_argument("--port", type=int, default=8080)
+
     validate = sub.add_parser("validate", help="check a config file without running anything")
     validate.add_argument("file", help="sweep config YAML")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -62,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    commands = {"start": cmd_start, "status": cmd_status, "export": cmd_export, "validate": cmd_validate}
+    commands = {
+        "start": cmd_start, "status": cmd_status, "export": cmd_export,
+        "dashboard": cmd_dashboard, "validate": cmd_validate,
+    }
     try:
         return commands[args.command](args)
     except CliError as e:
@@ -125,6 +133,22 @@ def cmd_export(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from sweep.dashboard import build_server
+
+    _require_existing_sqlite(args.storage)
+    try:
+        server = build_server(args.storage, args.host, args.port)
+    except OSError as e:
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    print(f"Optuna dashboard for {args.storage} at http://{args.host}:{server.server_port}/ (Ctrl-C stops it)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 

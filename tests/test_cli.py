@@ -19,7 +19,7 @@ def run_cli(*args, cwd=None, timeout=120):
 def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("start", "status", "export", "validate"):
+    for command in ("start", "status", "export", "dashboard", "validate"):
         assert command in result.stdout
 
 
