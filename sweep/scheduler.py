@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from evaluator.harness import write_choice_task
 from evaluator.score import objective
@@ -38,6 +38,20 @@ _PASSED_ENV = (
 
 class SweepError(RuntimeError):
     """A step of the sweep failed (e.g. the base model could not be scored)."""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one `sweep start` shares (driver side only: holds live handles)."""
+
+    config: SweepConfig
+    study: Any
+    store: Store
+    work_dir: Path
+    task_dir: str
+    remote: dict
+    cpus_per_trial: int
+    device: str
 
 
 @dataclass(frozen=True)
@@ -67,21 +81,24 @@ def run_sweep(
     start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
 
     study = create_or_load_study(config, make_storage(storage_url), study_name)
-    store = Store(storage_url)
-    task_dir = str(prepare_tasks(config, work_dir))
-    remote = _remote_options(profile, cpus_per_trial)
-    device = "cuda" if profile.uses_gpu else "cpu"
-
-    if store.baseline(study_name) is None:
+    run = _Run(
+        config=config,
+        study=study,
+        store=Store(storage_url),
+        work_dir=work_dir,
+        task_dir=str(prepare_tasks(config, work_dir)),
+        remote=_remote_options(profile, cpus_per_trial),
+        cpus_per_trial=cpus_per_trial,
+        device="cuda" if profile.uses_gpu else "cpu",
+    )
+    if run.store.baseline(study_name) is None:
         try:
-            _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device)
+            _run_baseline(run)
         except SweepError as e:
             # The trials will fail too and store why; the next start retries the baseline.
             log.warning("%s; going on without a baseline", e)
 
-    numbers = []
-    for _ in range(n_trials):
-        numbers.append(_run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial, device))
+    numbers = [_run_one_trial(run) for _ in range(n_trials)]
     best = best_trial(study)
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
 
@@ -124,39 +141,45 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
     return task_dir
 
 
-def _run_baseline(config, store, study_name, task_dir, remote, cpus_per_trial, device) -> None:
+def _run_baseline(run: _Run) -> None:
+    """Scores the untuned base and records it in our table (never as a trial: it must not feed the sampler)."""
     import ray
 
     from sweep.worker import run_baseline
 
+    config = run.config
     log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
-    spec = BaselineSpec(model=config.model, eval=config.evaluator, task_dir=task_dir, num_threads=cpus_per_trial,
-                        log_file=str(Path(task_dir).parent / "baseline.log"), device=device)
+    spec = BaselineSpec(
+        model=config.model, eval=config.evaluator, task_dir=run.task_dir, num_threads=run.cpus_per_trial,
+        log_file=str(run.work_dir / "baseline.log"), device=run.device,
+    )
     try:
-        result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**remote).remote(spec))
+        result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**run.remote).remote(spec))
     except ray.exceptions.RayError as e:
         raise SweepError(f"scoring the base model failed: {_reason(e)} (log: {spec.log_file})") from None
     value = objective(result.scores, config.evaluator.tasks)
-    store.record_baseline(study_name, config.model.name_or_path, value, result.scores, result.eval_seconds)
+    run.store.record_baseline(
+        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds
+    )
     log.info("Baseline: value=%.4f scores=%s", value, _fmt(result.scores))
 
 
-def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_trial, device) -> int:
+def _run_one_trial(run: _Run) -> int:
     """Asks for a trial, runs it as a Ray task, records it and tells Optuna how it ended."""
     import optuna
     import ray
 
     from sweep.worker import run_trial
 
+    config, study, store = run.config, run.study, run.store
     trial = study.ask()
     started = _now()
     ref = None
     try:
         params = suggest(trial, config.search_space)
-        spec = _trial_spec(config, study.study_name, trial.number, params, task_dir, work_dir, cpus_per_trial,
-                           device)
+        spec = _trial_spec(run, trial.number, params)
         log.info("Trial %d started: %s", trial.number, _fmt(params))
-        ref = ray.remote(max_calls=1)(run_trial).options(**remote).remote(spec)
+        ref = ray.remote(max_calls=1)(run_trial).options(**run.remote).remote(spec)
         timeout = config.orchestration.trial_timeout_minutes
         try:
             result = ray.get(ref, timeout=timeout * 60 if timeout else None)
@@ -199,8 +222,10 @@ def _run_one_trial(config, study, store, task_dir, work_dir, remote, cpus_per_tr
     return trial.number
 
 
-def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per_trial, device) -> TrialSpec:
+def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
     """The plain-data description of a trial that travels to its worker."""
+    config, study_name = run.config, run.study.study_name
+    trial_dir = run.work_dir / "trials" / f"{number:04d}"
     train_config = apply_params(config, params)
     seed = config.study.seed * 1_000_003 + number
     return TrialSpec(
@@ -212,15 +237,15 @@ def _trial_spec(config, study_name, number, params, task_dir, work_dir, cpus_per
         data=config.data,
         train=train_config,
         eval=config.evaluator,
-        task_dir=task_dir,
-        adapter_dir=str(work_dir / "trials" / f"{number:04d}" / "adapter"),
-        log_file=str(work_dir / "trials" / f"{number:04d}" / "worker.log"),
+        task_dir=run.task_dir,
+        adapter_dir=str(trial_dir / "adapter"),
+        log_file=str(trial_dir / "worker.log"),
         hyperparameters={
             "study": study_name, "trial": number, "seed": seed, "params": params,
             **to_dict(config), "trainer": to_dict(train_config),
         },
-        num_threads=cpus_per_trial,
-        device=device,
+        num_threads=run.cpus_per_trial,
+        device=run.device,
     )
 
 
