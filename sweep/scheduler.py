@@ -1,8 +1,10 @@
 """The driver: Ray start-up, the baseline, and the ask -> run -> tell loop over trials.
 
-Optuna decides, Ray runs: each trial is one Ray task in a fresh worker process
-(`max_calls=1`, so nothing leaks from one trial's 4-bit model into the next).
-Only this process writes the database.
+Optuna decides, Ray runs: each trial is one Ray task. On a GPU each trial gets
+a fresh worker process (`max_calls=1`), so no CUDA memory held by one trial's
+4-bit model leaks into the next; on the CPU, workers are reused and a trial
+skips the seconds of importing torch, transformers and lm-eval. Only this
+process writes the database.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class _Run:
     work_dir: Path
     task_dir: str
     remote: dict
+    """Ray resources of one trial (`.options(**remote)`)."""
+    max_calls: int
+    """Tasks per worker process: 1 (fresh process per trial) on GPU, 0 (reuse) on CPU."""
     cpus_per_trial: int
     device: str
 
@@ -71,11 +76,7 @@ def run_sweep(
     profile: GpuProfile,
     address: Optional[str] = None,
 ) -> SweepOutcome:
-    """Runs `n_trials` more trials of the study, recording each in the storage.
-
-    Each trial (and the baseline) runs as a Ray task in a fresh worker process
-    (`max_calls=1`): no 4-bit model memory is carried from one trial to the next.
-    """
+    """Runs `n_trials` more trials of the study, recording each in the storage."""
     cpus_per_trial = _cpus_per_trial(config, profile)
     work_dir = Path(config.orchestration.artifacts_dir).expanduser().resolve() / study_name
     start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
@@ -88,6 +89,7 @@ def run_sweep(
         work_dir=work_dir,
         task_dir=str(prepare_tasks(config, work_dir)),
         remote=_remote_options(profile, cpus_per_trial),
+        max_calls=1 if profile.uses_gpu else 0,
         cpus_per_trial=cpus_per_trial,
         device="cuda" if profile.uses_gpu else "cpu",
     )
@@ -154,7 +156,7 @@ def _run_baseline(run: _Run) -> None:
         log_file=str(run.work_dir / "baseline.log"), device=run.device,
     )
     try:
-        result = ray.get(ray.remote(max_calls=1)(run_baseline).options(**run.remote).remote(spec))
+        result = ray.get(ray.remote(max_calls=run.max_calls)(run_baseline).options(**run.remote).remote(spec))
     except ray.exceptions.RayError as e:
         raise SweepError(f"scoring the base model failed: {_reason(e)} (log: {spec.log_file})") from None
     value = objective(result.scores, config.evaluator.tasks)
@@ -179,7 +181,7 @@ def _run_one_trial(run: _Run) -> int:
         params = suggest(trial, config.search_space)
         spec = _trial_spec(run, trial.number, params)
         log.info("Trial %d started: %s", trial.number, _fmt(params))
-        ref = ray.remote(max_calls=1)(run_trial).options(**run.remote).remote(spec)
+        ref = ray.remote(max_calls=run.max_calls)(run_trial).options(**run.remote).remote(spec)
         timeout = config.orchestration.trial_timeout_minutes
         try:
             result = ray.get(ref, timeout=timeout * 60 if timeout else None)
