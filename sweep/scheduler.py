@@ -242,9 +242,11 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         task_dir=run.task_dir,
         adapter_dir=str(trial_dir / "adapter"),
         log_file=str(trial_dir / "worker.log"),
+        # The resolved config of this trial (searched values in place) and where it came from.
         hyperparameters={
-            "study": study_name, "trial": number, "seed": seed, "params": params,
-            **to_dict(config), "trainer": to_dict(train_config),
+            **to_dict(config),
+            "trainer": to_dict(train_config),
+            "trial": {"study": study_name, "number": number, "seed": seed, "params": params},
         },
         num_threads=run.cpus_per_trial,
         device=run.device,

@@ -6,6 +6,7 @@ import json
 import sqlite3
 
 import pytest
+import yaml
 
 from sweep.cli import main
 
@@ -68,7 +69,11 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cap
     run(capsys, "export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
     scores = json.loads((out / "scores.json").read_text())
     assert scores["trial"] == best["number"] and scores["value"] == best["value"]
-    assert "learning_rate" in (out / "hyperparameters.yaml").read_text()
+    hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert hyper["trainer"]["learning_rate"] == best["params"]["trainer.learning_rate"]
+    assert hyper["trainer"]["lora"]["r"] == best["params"]["trainer.lora.r"]
+    assert hyper["trial"]["study"] == "e2e" and hyper["trial"]["number"] == best["number"]
+    assert hyper["model"]["name_or_path"] == "sweep-demo/tiny-llama"
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
