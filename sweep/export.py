@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from sweep.store import Store
+from sweep.store import MEASUREMENTS, Store
 from sweep.study import best_trial
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml")
@@ -28,15 +28,7 @@ def study_status(study, store: Store) -> dict[str, Any]:
             "adapter_dir": rec.adapter_dir if rec else None,
         }
         if rec is not None:
-            row.update(
-                train_seconds=rec.train_seconds,
-                eval_seconds=rec.eval_seconds,
-                tokens_per_second=rec.tokens_per_second,
-                peak_memory_gib=rec.peak_memory_gib,
-                train_steps=rec.train_steps,
-                final_loss=rec.final_loss,
-                data=rec.data,
-            )
+            row.update({name: getattr(rec, name) for name in MEASUREMENTS})
         if t.state.name == "FAIL":
             row["fail_reason"] = t.user_attrs.get("fail_reason") or (rec.fail_reason if rec else None)
         row["started_at"] = _iso(t.datetime_start)

@@ -21,7 +21,7 @@ from evaluator.score import objective
 from sweep.config import SweepConfig, to_dict
 from sweep.gpus import GpuError, GpuProfile
 from sweep.space import apply_params, suggest
-from sweep.store import Store, TrialRecord
+from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, make_storage
 from sweep.worker import BaselineSpec, TrialSpec
 from trainer.data import heldout_docs, write_choice_docs
@@ -206,10 +206,7 @@ def _run_one_trial(run: _Run) -> int:
     value = objective(result.scores, config.evaluator.tasks)
     store.record_trial(study.study_name, TrialRecord(
         trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-        train_seconds=result.train_seconds, eval_seconds=result.eval_seconds,
-        tokens_per_second=result.tokens_per_second, peak_memory_gib=result.peak_memory_gib,
-        train_tokens=result.train_tokens, train_steps=result.train_steps, final_loss=result.final_loss,
-        data=result.data, started_at=started, finished_at=_now(),
+        started_at=started, finished_at=_now(), **{name: getattr(result, name) for name in MEASUREMENTS},
     ), metrics={t.name: t.metric for t in config.evaluator.tasks})
     # Attributes must be set before tell: a finished trial can't be updated.
     trial.set_user_attr("adapter_dir", result.adapter_dir)

@@ -81,6 +81,13 @@ baselines = Table(
 )
 
 
+# Measurements a finished trial reports; the same names in TrialResult, TrialRecord and `sweep status`.
+MEASUREMENTS = (
+    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gib",
+    "train_tokens", "train_steps", "final_loss", "data",
+)
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """What `sweep status` shows of a trial beyond Optuna's own fields."""
