@@ -46,11 +46,11 @@ def test_jsonl_source_maps_fields_and_counts_skipped_rows(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"q": "Say hi", "a": "hi"}, {"q": "", "a": "x"}, {"q": "Say yes", "a": "yes", "ctx": "now"},
             {"q": "No answer"}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n[1, 2]\n\n")
     source = SourceConfig(name="mine", kind="jsonl", path=str(path),
                           fields={"instruction": "q", "response": "a", "input": "ctx"})
     stats = DataStats()
     examples = load_train_examples(DataConfig(sources=[source]), stats)
     assert sorted(e.response for e in examples) == ["hi", "yes"]
-    assert stats.rows_used == {"mine": 2} and stats.rows_skipped == {"mine": 2}
+    assert stats.rows_used == {"mine": 2} and stats.rows_skipped == {"mine": 3}
     assert "now" in format_prompt("alpaca", "Say yes", "now")

@@ -104,6 +104,9 @@ def _load_jsonl(source: SourceConfig) -> tuple[list[Example], int]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{source.path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                skipped += 1
+                continue
             instruction = row.get(fields["instruction"])
             response = row.get(fields["response"])
             if not instruction or not response:
