@@ -22,8 +22,8 @@ from sweep.config import SweepConfig, to_dict
 from sweep.gpus import GpuError, GpuProfile
 from sweep.space import apply_params, suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
-from sweep.study import best_trial, create_or_load_study, make_storage
-from sweep.worker import BaselineSpec, TrialSpec
+from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
+from sweep.worker import BaselineSpec, TrialSpec, run_baseline, run_trial
 from trainer.data import heldout_docs, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
@@ -51,10 +51,9 @@ class _Run:
     store: Store
     work_dir: Path
     task_dir: str
-    remote: dict
-    """Ray resources of one trial (`.options(**remote)`)."""
-    max_calls: int
-    """Tasks per worker process: 1 (fresh process per trial) on GPU, 0 (reuse) on CPU."""
+    trial_task: Any
+    """`run_trial` as a Ray remote function with the trial's resources."""
+    baseline_task: Any
     cpus_per_trial: int
     device: str
 
@@ -88,8 +87,7 @@ def run_sweep(
         store=Store(storage_url),
         work_dir=work_dir,
         task_dir=str(prepare_tasks(config, work_dir)),
-        remote=_remote_options(profile, cpus_per_trial),
-        max_calls=1 if profile.uses_gpu else 0,
+        **_ray_tasks(profile, cpus_per_trial),
         cpus_per_trial=cpus_per_trial,
         device="cuda" if profile.uses_gpu else "cpu",
     )
@@ -147,8 +145,6 @@ def _run_baseline(run: _Run) -> None:
     """Scores the untuned base and records it in our table (never as a trial: it must not feed the sampler)."""
     import ray
 
-    from sweep.worker import run_baseline
-
     config = run.config
     log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
     spec = BaselineSpec(
@@ -156,7 +152,7 @@ def _run_baseline(run: _Run) -> None:
         log_file=str(run.work_dir / "baseline.log"), device=run.device,
     )
     try:
-        result = ray.get(ray.remote(max_calls=run.max_calls)(run_baseline).options(**run.remote).remote(spec))
+        result = ray.get(run.baseline_task.remote(spec))
     except ray.exceptions.RayError as e:
         raise SweepError(f"scoring the base model failed: {_reason(e)} (log: {spec.log_file})") from None
     value = objective(result.scores, config.evaluator.tasks)
@@ -171,8 +167,6 @@ def _run_one_trial(run: _Run) -> int:
     import optuna
     import ray
 
-    from sweep.worker import run_trial
-
     config, study, store = run.config, run.study, run.store
     trial = study.ask()
     started = _now()
@@ -181,7 +175,7 @@ def _run_one_trial(run: _Run) -> int:
         params = suggest(trial, config.search_space)
         spec = _trial_spec(run, trial.number, params)
         log.info("Trial %d started: %s", trial.number, _fmt(params))
-        ref = ray.remote(max_calls=run.max_calls)(run_trial).options(**run.remote).remote(spec)
+        ref = run.trial_task.remote(spec)
         timeout = config.orchestration.trial_timeout_minutes
         try:
             result = ray.get(ref, timeout=timeout * 60 if timeout else None)
@@ -226,7 +220,7 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
     config, study_name = run.config, run.study.study_name
     trial_dir = run.work_dir / "trials" / f"{number:04d}"
     train_config = apply_params(config, params)
-    seed = config.study.seed * 1_000_003 + number
+    seed = derived_seed(config.study.seed, number)
     return TrialSpec(
         study_name=study_name,
         trial_number=number,
@@ -248,6 +242,22 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         num_threads=run.cpus_per_trial,
         device=run.device,
     )
+
+
+def _ray_tasks(profile: GpuProfile, cpus_per_trial: int) -> dict:
+    """The worker functions as Ray remote functions, built once per sweep.
+
+    A GPU trial gets a fresh worker process (`max_calls=1`); on the CPU,
+    workers are reused (`max_calls=0`).
+    """
+    import ray
+
+    options = _remote_options(profile, cpus_per_trial)
+    max_calls = 1 if profile.uses_gpu else 0
+    return {
+        "trial_task": ray.remote(max_calls=max_calls)(run_trial).options(**options),
+        "baseline_task": ray.remote(max_calls=max_calls)(run_baseline).options(**options),
+    }
 
 
 def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:

@@ -17,6 +17,11 @@ def make_storage(url: str):
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
+def derived_seed(study_seed: int, index: int) -> int:
+    """A seed for the `index`-th thing of a study (a sampler start, a trial's training)."""
+    return study_seed * 1_000_003 + index
+
+
 def make_sampler(config: SweepConfig, n_existing: int):
     """The sampler of the config, seeded by (study seed, trials so far).
 
@@ -25,7 +30,7 @@ def make_sampler(config: SweepConfig, n_existing: int):
     """
     import optuna
 
-    seed = config.study.seed * 1_000_003 + n_existing
+    seed = derived_seed(config.study.seed, n_existing)
     if config.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)

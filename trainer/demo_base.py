@@ -110,8 +110,9 @@ def register_in_hub_cache(build_dir: Path) -> Path | None:
                 os.rename(tmp, snapshot)
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-        _mkdir(repo_dir / "refs")
-        (repo_dir / "refs" / "main").write_text(commit)
+        ref = _mkdir(repo_dir / "refs") / "main"
+        if not ref.exists() or ref.read_text() != commit:  # resolved on every model load: write once
+            ref.write_text(commit)
     except OSError:
         return None
     return snapshot
