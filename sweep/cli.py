@@ -193,14 +193,17 @@ def format_table(status: dict) -> str:
     if base:
         lines.append(f"Baseline (untuned base): value={base['value']:.4f}")
     param_names = sorted({k for t in status["trials"] for k in t["params"]})
-    header = ["#", "state", "value", *[p.split(".")[-1] for p in param_names], "train s", "note"]
+    header = ["#", "state", "value", *[p.split(".")[-1] for p in param_names],
+              "train s", "tok/s", "peak GiB", "full run h", "note"]
     rows = []
     for t in status["trials"]:
-        note = t.get("fail_reason") or ""
+        note = t.get("fail_reason") or ("infeasible" if t.get("feasible") is False else "")
         rows.append([
             str(t["number"]), t["state"], "" if t["value"] is None else f"{t['value']:.4f}",
             *[_cell(t["params"].get(p)) for p in param_names],
-            "" if t.get("train_seconds") is None else f"{t['train_seconds']:.1f}", note[:60],
+            _number(t.get("train_seconds"), "{:.1f}"), _number(t.get("tokens_per_second"), "{:.0f}"),
+            _number(t.get("peak_memory_gib"), "{:.2f}"), _number(t.get("projected_full_run_hours"), "{:.2f}"),
+            note[:60],
         ])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -209,6 +212,10 @@ def format_table(status: dict) -> str:
     if best:
         lines.append(f"Best: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")
     return "\n".join(lines)
+
+
+def _number(value, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
 
 
 def _cell(value) -> str:

@@ -38,12 +38,19 @@ class StudyConfig:
     n_trials: int = doc("Trials to run per `sweep start` (overridden by --trials).", default=10)
     seed: int = doc("Seeds the sampler and, with the trial number, each trial's training.", default=0)
     sampler: Literal["tpe", "random"] = doc("Optuna sampler.", default="tpe")
+    full_run_hours_limit: float = doc(
+        "A trial whose full run (the whole mix, all epochs) is projected to take longer on the target GPU "
+        "is infeasible (an Optuna constraint); the challenge allows 24 hours.",
+        default=24.0,
+    )
 
     def validate(self) -> None:
         if not self.name:
             raise ValueError("name: must be a non-empty string")
         if self.n_trials < 1:
             raise ValueError(f"n_trials: must be >= 1, got {self.n_trials}")
+        if not self.full_run_hours_limit > 0:
+            raise ValueError(f"full_run_hours_limit: must be > 0, got {self.full_run_hours_limit}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class SweepConfig:
     )
     search_space: dict[str, ParamSpace] = doc(
         "Searched parameters, keyed by the dotted path of the setting they replace "
-        "(e.g. trainer.learning_rate, trainer.lora.r).",
+        "(e.g. trainer.learning_rate, trainer.lora.r, data.mix.dolly, data.num_examples).",
         default_factory=dict,
     )
     orchestration: OrchestrationConfig = doc("Where and how trials run.", default_factory=OrchestrationConfig)
@@ -124,27 +131,53 @@ class SweepConfig:
                     raise ValueError(
                         f"evaluator.tasks.{i}.source: source {task.source!r} ({src.kind}) has no held-out split"
                     )
+        if self.trainer.packing and self.trainer.pack_length < self.data.max_seq_length:
+            raise ValueError(
+                f"trainer.pack_length: must be >= data.max_seq_length ({self.data.max_seq_length}) when packing, "
+                f"got {self.trainer.pack_length}"
+            )
         for path, space in self.search_space.items():
             _check_searchable(self, path, space)
 
 
+SEARCHABLE_SECTIONS = ("trainer", "data")
+
+
 def _check_searchable(config: SweepConfig, path: str, space: ParamSpace) -> None:
     key = f"search_space.{path}"
-    if not path.startswith("trainer."):
-        raise ValueError(f"{key}: only trainer.* settings can be searched")
-    try:
-        current = get_path(config, path)
-    except KeyError:
-        raise ValueError(f"{key}: {path} is not a setting") from None
-    if dataclasses.is_dataclass(current) or isinstance(current, (list, dict)):
-        raise ValueError(f"{key}: {path} is a section, not a single setting")
+    section, _, rest = path.partition(".")
+    if section not in SEARCHABLE_SECTIONS or not rest:
+        raise ValueError(f"{key}: only trainer.* and data.* settings can be searched")
+    mix_source = rest.removeprefix("mix.") if rest.startswith("mix.") and section == "data" else None
+    if mix_source is not None:
+        if mix_source not in {s.name for s in config.data.sources}:
+            raise ValueError(f"{key}: no data source named {mix_source!r}")
+    else:
+        try:
+            current = get_path(config, path)
+        except KeyError:
+            raise ValueError(f"{key}: {path} is not a setting") from None
+        if dataclasses.is_dataclass(current) or isinstance(current, (list, dict)):
+            raise ValueError(f"{key}: {path} is a section, not a single setting")
     # Each sampled value must be a valid value of the setting it replaces.
     values = space.choices if space.type == "categorical" else [space.low, space.high]
     for value in values:
         try:
-            override(config.trainer, {path.removeprefix("trainer."): value}, source="")
+            override(getattr(config, section), {rest: value}, source="")
         except ConfigError as e:
             raise ValueError(f"{key}: value {value!r} is invalid for {path} ({e})") from None
+
+
+def with_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
+    """The config of one trial: the sampled values (dotted paths under trainer. and data.) in place."""
+    sections: dict[str, dict[str, Any]] = {}
+    for path, value in params.items():
+        section, _, rest = path.partition(".")
+        sections.setdefault(section, {})[rest] = value
+    replaced = {
+        name: override(getattr(config, name), values, source="trial params") for name, values in sections.items()
+    }
+    return dataclasses.replace(config, **replaced)
 
 
 # --- loading ---------------------------------------------------------------

@@ -29,6 +29,8 @@ def study_status(study, store: Store) -> dict[str, Any]:
         }
         if rec is not None:
             row.update({name: getattr(rec, name) for name in MEASUREMENTS})
+            row["feasible"] = rec.feasible
+            row["constraints"] = dict(t.constraints) or None  # Optuna's; > 0: violated
         if t.state.name == "FAIL":
             row["fail_reason"] = t.user_attrs.get("fail_reason") or (rec.fail_reason if rec else None)
         row["started_at"] = _iso(t.datetime_start)

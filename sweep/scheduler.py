@@ -18,12 +18,12 @@ from typing import Any, Optional
 
 from evaluator.harness import write_choice_task
 from evaluator.score import objective
-from sweep.config import SweepConfig, to_dict
+from sweep.config import SweepConfig, to_dict, with_params
 from sweep.gpus import GpuError, GpuProfile
-from sweep.space import apply_params, suggest
+from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
-from sweep.worker import BaselineSpec, TrialSpec, run_baseline, run_trial
+from sweep.worker import BaselineSpec, TrialResult, TrialSpec, run_baseline, run_trial
 from trainer.data import heldout_docs, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
@@ -56,6 +56,7 @@ class _Run:
     baseline_task: Any
     cpus_per_trial: int
     device: str
+    profile: GpuProfile
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def run_sweep(
         **_ray_tasks(profile, cpus_per_trial),
         cpus_per_trial=cpus_per_trial,
         device="cuda" if profile.uses_gpu else "cpu",
+        profile=profile,
     )
     if run.store.baseline(study_name) is None:
         try:
@@ -132,13 +134,23 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
     for task in config.evaluator.tasks:
         if task.source is not None:
             data_file = write_choice_docs(
-                heldout_docs(sources[task.source]), config.data.template, work_dir / "data" / f"{task.name}.jsonl"
+                heldout_docs(sources[task.source]), work_dir / "data" / f"{task.name}.jsonl",
+                config.data.template, tokenizer=_prompt_tokenizer(config),
             )
             write_choice_task(task.name, data_file, task_dir)
         elif task.data_file is not None:
             write_choice_task(task.name, task.data_file, task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     return task_dir
+
+
+def _prompt_tokenizer(config: SweepConfig):
+    """The base tokenizer when prompts depend on it (template `auto`: its chat template, if any)."""
+    if config.data.template != "auto":
+        return None
+    from trainer.model import load_tokenizer
+
+    return load_tokenizer(config.model)
 
 
 def _run_baseline(run: _Run) -> None:
@@ -198,28 +210,52 @@ def _run_one_trial(run: _Run) -> int:
         return trial.number
 
     value = objective(result.scores, config.evaluator.tasks)
+    constraints = feasibility(result, config.study.full_run_hours_limit)
     store.record_trial(study.study_name, TrialRecord(
         trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-        started_at=started, finished_at=_now(), **{name: getattr(result, name) for name in MEASUREMENTS},
+        started_at=started, finished_at=_now(), feasible=all(v <= 0 for v in constraints.values()),
+        **{name: getattr(result, name) for name in MEASUREMENTS},
     ), metrics={t.name: t.metric for t in config.evaluator.tasks})
-    # Attributes must be set before tell: a finished trial can't be updated.
+    # Attributes and constraints must be set before tell: a finished trial can't be updated.
     trial.set_user_attr("adapter_dir", result.adapter_dir)
     trial.set_user_attr("scores", result.scores)
+    for name, amount in constraints.items():
+        trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
     study.tell(trial, value)
     best = best_trial(study)
+    hours = result.projected_full_run_hours
     log.info(
-        "Trial %d COMPLETE: value=%.4f params=%s train=%.1fs (%.0f tok/s) eval=%.1fs; best is trial %d (%.4f)",
+        "Trial %d COMPLETE: value=%.4f params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
+        "best is trial %s",
         trial.number, value, _fmt(params), result.train_seconds, result.tokens_per_second,
-        result.eval_seconds, best.number, best.value,
+        f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
+        result.eval_seconds, f"{hours:.1f} h" if hours is not None else "n/a",
+        "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
+        f"{best.number} ({best.value:.4f})" if best else "none feasible yet",
     )
     return trial.number
+
+
+def feasibility(result: TrialResult, hours_limit: float) -> dict[str, float]:
+    """Optuna constraints of a finished trial (<= 0 means satisfied).
+
+    `full_run_hours_over_limit`: projected hours of the full run on the target
+    GPU minus the limit. `memory_over_cap_gib`: peak GPU memory minus the
+    profile's cap (only where both are known).
+    """
+    constraints = {}
+    if result.projected_full_run_hours is not None:
+        constraints["full_run_hours_over_limit"] = min(result.projected_full_run_hours, 1e9) - hours_limit
+    if result.peak_memory_gib is not None and result.memory_cap_gib is not None:
+        constraints["memory_over_cap_gib"] = result.peak_memory_gib - result.memory_cap_gib
+    return constraints
 
 
 def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
     """The plain-data description of a trial that travels to its worker."""
     config, study_name = run.config, run.study.study_name
     trial_dir = run.work_dir / "trials" / f"{number:04d}"
-    train_config = apply_params(config, params)
+    trial_config = with_params(config, params)
     seed = derived_seed(config.study.seed, number)
     return TrialSpec(
         study_name=study_name,
@@ -227,20 +263,21 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         seed=seed,
         params=params,
         model=config.model,
-        data=config.data,
-        train=train_config,
+        data=trial_config.data,
+        train=trial_config.trainer,
         eval=config.evaluator,
         task_dir=run.task_dir,
         adapter_dir=str(trial_dir / "adapter"),
         log_file=str(trial_dir / "worker.log"),
         # The resolved config of this trial (searched values in place) and where it came from.
         hyperparameters={
-            **to_dict(config),
-            "trainer": to_dict(train_config),
+            **to_dict(trial_config),
             "trial": {"study": study_name, "number": number, "seed": seed, "params": params},
         },
         num_threads=run.cpus_per_trial,
         device=run.device,
+        memory_cap_gib=run.profile.memory_cap_gib,
+        target_tflops=run.profile.bf16_tflops,
     )
 
 
@@ -293,14 +330,20 @@ def _worker_env(config: SweepConfig, cpus_per_trial: int) -> dict[str, str]:
 
 def _is_offline(config: SweepConfig) -> bool:
     """A sweep that needs nothing from the hub runs with the offline flags on."""
-    return config.model.name_or_path == DEMO_MODEL_ID and all(t.is_local for t in config.evaluator.tasks)
+    return (
+        config.model.name_or_path == DEMO_MODEL_ID
+        and all(t.is_local for t in config.evaluator.tasks)
+        and all(s.kind != "hub" for s in config.data.sources)
+    )
 
 
 def _reason(error: BaseException) -> str:
     """One line saying why a trial failed, from the worker's original exception if any."""
     cause = getattr(error, "cause", None) or error
     message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-    if type(cause).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
+    if message.lower().startswith("out of memory"):
+        reason = message
+    elif type(cause).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
         reason = f"out of memory: {message}"
     else:
         reason = f"{type(cause).__name__}: {message}" if message else type(cause).__name__

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweep.config import ParamSpace, SweepConfig, override
-from trainer.config import TrainConfig
+from sweep.config import ParamSpace
 
 
 def suggest(trial, search_space: dict[str, ParamSpace]) -> dict[str, Any]:
@@ -21,8 +20,3 @@ def suggest(trial, search_space: dict[str, ParamSpace]) -> dict[str, Any]:
             params[name] = trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
     return params
 
-
-def apply_params(config: SweepConfig, params: dict[str, Any]) -> TrainConfig:
-    """The trainer settings of a trial: the config's, with the sampled values in place."""
-    values = {path.removeprefix("trainer."): value for path, value in params.items()}
-    return override(config.trainer, values, source="trial params")

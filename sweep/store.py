@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -45,11 +46,18 @@ trial_records = Table(
     Column("adapter_dir", Text),
     Column("train_seconds", Float),
     Column("eval_seconds", Float),
+    Column("wall_seconds", Float),
     Column("tokens_per_second", Float),
     Column("peak_memory_gib", Float),
+    Column("memory_cap_gib", Float),
+    Column("mfu", Float),
     Column("train_tokens", Integer),
     Column("train_steps", Integer),
     Column("final_loss", Float),
+    Column("checkpointed_layers", Integer),
+    Column("full_run_tokens", Integer),
+    Column("projected_full_run_hours", Float),
+    Column("feasible", Boolean),
     Column("data", JSON),
     Column("fail_reason", Text),
     Column("started_at", DateTime),
@@ -83,8 +91,9 @@ baselines = Table(
 
 # Measurements a finished trial reports; the same names in TrialResult, TrialRecord and `sweep status`.
 MEASUREMENTS = (
-    "train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_gib",
-    "train_tokens", "train_steps", "final_loss", "data",
+    "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second", "peak_memory_gib", "memory_cap_gib",
+    "mfu", "train_tokens", "train_steps", "final_loss", "checkpointed_layers", "full_run_tokens",
+    "projected_full_run_hours", "data",
 )
 
 
@@ -98,11 +107,19 @@ class TrialRecord:
     scores: dict[str, float]
     train_seconds: Optional[float] = None
     eval_seconds: Optional[float] = None
+    wall_seconds: Optional[float] = None
     tokens_per_second: Optional[float] = None
     peak_memory_gib: Optional[float] = None
+    memory_cap_gib: Optional[float] = None
+    mfu: Optional[float] = None
     train_tokens: Optional[int] = None
     train_steps: Optional[int] = None
     final_loss: Optional[float] = None
+    checkpointed_layers: Optional[int] = None
+    full_run_tokens: Optional[int] = None
+    projected_full_run_hours: Optional[float] = None
+    feasible: Optional[bool] = None
+    """Within the profile's memory cap and the full-run time limit; None when not measured."""
     data: Optional[dict] = None
     fail_reason: Optional[str] = None
     started_at: Optional[dt.datetime] = None
@@ -131,7 +148,11 @@ class Store:
         self.engine = make_engine(url)
         if create:
             metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         self._readable = create or inspect(self.engine).has_table(trial_records.name)
+        self._columns = (
+            {c["name"] for c in inspect(self.engine).get_columns(trial_records.name)} if self._readable else set()
+        )
 
     # --- writes (driver only) ---
 
@@ -174,7 +195,8 @@ class Store:
             for r in conn.execute(select(task_scores).where(task_scores.c.study_name == study_name)):
                 scores.setdefault(r.trial_number, {})[r.task] = r.value
             out = {}
-            for r in conn.execute(select(trial_records).where(trial_records.c.study_name == study_name)):
+            columns = [c for c in trial_records.c if c.name in self._columns]  # older databases lack newer ones
+            for r in conn.execute(select(*columns).where(trial_records.c.study_name == study_name)):
                 fields = {k: v for k, v in r._mapping.items() if k not in ("id", "study_name")}
                 out[r.trial_number] = TrialRecord(scores=scores.get(r.trial_number, {}), **fields)
             return out
@@ -188,6 +210,16 @@ class Store:
             return None
         scores = r.scores if isinstance(r.scores, dict) else json.loads(r.scores)
         return {"model": r.model, "value": r.value, "scores": scores, "eval_seconds": r.eval_seconds}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Adds columns introduced since a database was created (all nullable), so old studies keep working."""
+    present = {c["name"] for c in inspect(engine).get_columns(trial_records.name)}
+    with engine.begin() as conn:
+        for column in trial_records.c:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {trial_records.name} ADD COLUMN {column.name} {kind}")
 
 
 def _now() -> dt.datetime:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,6 +43,10 @@ class TrialSpec:
     """Where the worker's stdout and stderr go (library logs, progress bars); None: inherited."""
     device: str = "cpu"
     """`cuda` for GPU profiles; `cpu` keeps a trial off the GPU even where one is visible."""
+    memory_cap_gib: Optional[float] = None
+    """The GPU profile's memory cap, enforced on a bigger card; None: the card's own memory."""
+    target_tflops: Optional[float] = None
+    """Dense bf16 peak of the profile's card: the full-run projection is scaled to it."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,20 @@ class TrialResult:
     adapter_dir: str
     train_seconds: float
     eval_seconds: float
+    wall_seconds: float
+    """The whole trial in its worker: loading, data, training, scoring, saving."""
     tokens_per_second: float
     peak_memory_gib: Optional[float]
+    memory_cap_gib: Optional[float]
+    mfu: Optional[float]
+    """Model FLOPs utilisation against the dense bf16 peak of the card the trial ran on; None on CPU."""
     train_tokens: int
     train_steps: int
     final_loss: Optional[float]
+    checkpointed_layers: int
+    full_run_tokens: int
+    projected_full_run_hours: Optional[float]
+    """Hours of the full run (the whole mix, all epochs) on the profile's card, from the measured speed."""
     data: dict
 
 
@@ -86,38 +100,62 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 
 
 def _run_trial(spec: TrialSpec) -> TrialResult:
+    started = time.perf_counter()
     _setup_process(spec.num_threads)
+    card = _setup_gpu(spec.device, spec.memory_cap_gib)
     from transformers import set_seed
 
     from evaluator.harness import evaluate
-    from trainer.data import DataStats, load_train_examples, tokenize_examples
-    from trainer.model import attach_lora, load_base_model, load_tokenizer, save_adapter
+    from trainer.data import prepare_data
+    from trainer.model import attach_lora, load_base_model, load_tokenizer, save_adapter, use_attention
     from trainer.train import train
 
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model)
-    stats = DataStats()
-    rows = tokenize_examples(
-        tokenizer, load_train_examples(spec.data, stats), spec.data.template, spec.data.max_seq_length
-    )
-    model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora, spec.train.gradient_checkpointing)
-    with tempfile.TemporaryDirectory(prefix="sweep-trainer-") as work_dir:
-        trained = train(model, tokenizer, rows, spec.train, seed=spec.seed, work_dir=work_dir)
+    data = prepare_data(tokenizer, spec.data)
+    model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora)
+    trained = train(model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib)
+    use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes
     evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
     save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
+    card_tflops = card.bf16_tflops if card is not None else None
+    # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
+    scale = card_tflops / spec.target_tflops if card_tflops and spec.target_tflops else 1.0
+    hours = trained.projected_full_run_hours * scale
     return TrialResult(
         trial_number=spec.trial_number,
         scores=evaluated.scores,
         adapter_dir=str(Path(spec.adapter_dir).resolve()),
         train_seconds=trained.train_seconds,
         eval_seconds=evaluated.eval_seconds,
+        wall_seconds=time.perf_counter() - started,
         tokens_per_second=trained.tokens_per_second,
         peak_memory_gib=trained.peak_memory_gib,
+        memory_cap_gib=spec.memory_cap_gib if spec.device != "cpu" else None,
+        mfu=trained.tokens_per_second * trained.flops_per_token / (card_tflops * 1e12) if card_tflops else None,
         train_tokens=trained.train_tokens,
         train_steps=trained.steps,
         final_loss=trained.final_loss,
-        data={"rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped, "examples": len(rows)},
+        checkpointed_layers=trained.checkpointed_layers,
+        full_run_tokens=trained.full_run_tokens,
+        projected_full_run_hours=hours if math.isfinite(hours) else None,
+        data=data.stats.as_record(),
     )
+
+
+def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
+    """Enforces the profile's memory cap on a bigger card; returns the profile of the card (None on CPU)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    from sweep.gpus import detect_profile
+
+    props = torch.cuda.get_device_properties(0)
+    total_gib = props.total_memory / 2**30
+    if memory_cap_gib is not None and memory_cap_gib < total_gib:
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib / total_gib, 0)
+    return detect_profile([(props.name, total_gib)])
 
 
 def run_baseline(spec: BaselineSpec) -> BaselineResult:
@@ -128,7 +166,7 @@ def run_baseline(spec: BaselineSpec) -> BaselineResult:
         from trainer.model import load_base_model, load_tokenizer
 
         tokenizer = load_tokenizer(spec.model)
-        model = load_base_model(spec.model, spec.device)
+        model = load_base_model(spec.model, spec.device, attn_implementation="sdpa")
         evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
         return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
 

@@ -23,8 +23,8 @@ def test_objective_is_the_weighted_mean():
 
 def test_local_task_file_points_at_absolute_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = write_choice_docs([ChoiceDoc("Is 1 2 3 even or odd?", ("even", "odd"), 1)], "alpaca",
-                             Path("rel") / "docs.jsonl")
+    data = write_choice_docs([ChoiceDoc("Is 1 2 3 even or odd?", ("even", "odd"), 1)], Path("rel") / "docs.jsonl",
+                             "alpaca")
     path = write_choice_task("t", data, tmp_path / "tasks")
     spec = yaml.safe_load(path.read_text())
     data_file = spec["dataset_kwargs"]["data_files"]["test"]
@@ -39,7 +39,7 @@ def test_lm_eval_scores_the_4bit_base_on_a_local_task(demo_base_dir, tmp_path):
     from trainer.model import load_base_model, load_tokenizer
 
     _, heldout = digit_task(seed=0, num_train=10, num_eval=60)
-    data = write_choice_docs(heldout, "alpaca", tmp_path / "docs.jsonl")
+    data = write_choice_docs(heldout, tmp_path / "docs.jsonl", "alpaca")
     write_choice_task("digits_t", data, tmp_path / "tasks")
     model_config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
     model, tok = load_base_model(model_config, "cpu"), load_tokenizer(model_config)

@@ -31,36 +31,93 @@ class ModelConfig:
         "dtype of the 4-bit matmuls; `auto` is bfloat16 on GPU and float32 on CPU.", default="auto"
     )
     trust_remote_code: bool = doc("Allow model code from the hub.", default=False)
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = doc(
+        "Attention kernel. `auto`: flash_attention_2 when installed, else flex_attention on GPU "
+        "(packed rows keep example boundaries without a dense mask), sdpa on CPU.",
+        default="auto",
+    )
 
     def validate(self) -> None:
         if not self.name_or_path or not str(self.name_or_path).strip():
             raise ValueError("name_or_path: a base model is required (hub id, local path or sweep-demo/tiny-llama)")
 
 
+# Row formats of the named sources; `fields` maps any JSON/JSONL file's own field names.
+SOURCE_FORMATS = ("fields", "dolly", "oasst1", "lima", "alpaca", "platypus", "mmlu", "cnn_dailymail", "gsm8k")
+
+# Hub datasets with a known row format: id -> (format, default subset).
+HUB_DATASETS: dict[str, tuple[str, Optional[str]]] = {
+    "databricks/databricks-dolly-15k": ("dolly", None),
+    "OpenAssistant/oasst1": ("oasst1", None),
+    "GAIR/lima": ("lima", None),
+    "tatsu-lab/alpaca": ("alpaca", None),
+    "garage-bAInd/Open-Platypus": ("platypus", None),
+    "cais/mmlu": ("mmlu", "auxiliary_train"),
+    "cnn_dailymail": ("cnn_dailymail", "3.0.0"),
+    "abisee/cnn_dailymail": ("cnn_dailymail", "3.0.0"),
+    "gsm8k": ("gsm8k", "main"),
+    "openai/gsm8k": ("gsm8k", "main"),
+}
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One training data source."""
 
-    name: str = doc("Name of the source, used in records and by evaluator tasks.")
-    kind: Literal["synthetic", "jsonl"] = doc(
-        "`synthetic`: the demo's generated digit task (train and held-out splits); "
-        "`jsonl`: a local JSON Lines file."
+    name: str = doc("Name of the source, used in the data mix, in records and by evaluator tasks.")
+    kind: Literal["hub", "file", "synthetic", "jsonl"] = doc(
+        "`hub`: a dataset loaded with `datasets.load_dataset` (a hub id, or a local dataset directory); "
+        "`file`: a local JSON or JSON Lines file (`jsonl` is the same); "
+        "`synthetic`: the demo's generated digit task (train and held-out splits)."
     )
-    path: Optional[str] = doc("Path of the JSONL file (kind jsonl); relative to the config file.", default=None)
+    dataset: Optional[str] = doc("For hub: the dataset id (e.g. databricks/databricks-dolly-15k).", default=None)
+    subset: Optional[str] = doc(
+        "For hub: the dataset's config name (e.g. 3.0.0 for cnn_dailymail); null: the known default.", default=None
+    )
+    split: str = doc("For hub: the split to train on.", default="train")
+    revision: Optional[str] = doc("For hub: the dataset revision (branch, tag or commit).", default=None)
+    path: Optional[str] = doc("For file: path of the JSON/JSONL file, relative to the config file.", default=None)
+    format: Literal[("auto",) + SOURCE_FORMATS] = doc(  # type: ignore[valid-type]
+        "Row format: `auto` (the known format of a hub id, else `fields`), `fields` (the `fields` mapping), "
+        "or a named source's own rows: dolly, oasst1 (English, top-ranked reply per turn), lima, alpaca, "
+        "platypus, mmlu (auxiliary_train), cnn_dailymail, gsm8k.",
+        default="auto",
+    )
     fields: dict[str, str] = doc(
-        "For jsonl: maps `instruction`, `input` (optional) and `response` to the file's field names.",
+        "For format `fields`: maps `instruction`, `input` (optional) and `response` to the rows' field names.",
         default_factory=lambda: {"instruction": "instruction", "input": "input", "response": "response"},
     )
+    max_rows: Optional[int] = doc("Read at most this many rows of the source; null: all.", default=None)
     num_train: int = doc("For synthetic: number of training examples.", default=2000)
     num_eval: int = doc("For synthetic: number of held-out examples (the eval split).", default=200)
     seed: int = doc("For synthetic: generator seed (same seed, same data).", default=0)
 
+    @property
+    def row_format(self) -> str:
+        """The format rows are read with (`auto` resolved)."""
+        if self.format != "auto":
+            return self.format
+        if self.kind == "hub" and self.dataset in HUB_DATASETS:
+            return HUB_DATASETS[self.dataset][0]
+        return "fields"
+
+    @property
+    def dataset_subset(self) -> Optional[str]:
+        """The hub config name (`subset`, else the known default of the dataset)."""
+        if self.subset is not None:
+            return self.subset
+        return HUB_DATASETS.get(self.dataset or "", (None, None))[1]
+
     def validate(self) -> None:
         if not self.name:
             raise ValueError("name: must be a non-empty string")
-        if self.kind == "jsonl":
-            if not self.path:
-                raise ValueError("path: required for a jsonl source")
+        if self.kind == "hub" and not self.dataset:
+            raise ValueError("dataset: required for a hub source (a dataset id)")
+        if self.kind in ("file", "jsonl") and not self.path:
+            raise ValueError(f"path: required for a {self.kind} source")
+        if self.kind == "synthetic" and self.format != "auto":
+            raise ValueError("format: the synthetic source has its own rows")
+        if self.row_format == "fields" and self.kind != "synthetic":
             unknown = set(self.fields) - {"instruction", "input", "response"}
             if unknown:
                 raise ValueError(
@@ -68,6 +125,8 @@ class SourceConfig:
                 )
             if "instruction" not in self.fields or "response" not in self.fields:
                 raise ValueError("fields: must map instruction and response")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows: must be >= 1, got {self.max_rows}")
         if self.num_train < 1:
             raise ValueError(f"num_train: must be >= 1, got {self.num_train}")
         # The synthetic task has 1180 distinct questions; held-out ones never appear in training.
@@ -77,13 +136,28 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: the sources and how examples become token sequences."""
+    """Training data: the sources, their mix, and how examples become token sequences."""
 
     sources: list[SourceConfig] = doc("Training data sources (at least one).", default_factory=list)
-    template: Literal["alpaca", "chatml", "plain"] = doc(
-        "Prompt template wrapped around each instruction.", default="alpaca"
+    mix: dict[str, float] = doc(
+        "Weight of each source in the mix, by source name (normalised over the sources; unlisted sources "
+        "weigh 1). Searchable as `data.mix.<name>`. Empty with no `num_examples`: every row of every source once.",
+        default_factory=dict,
     )
-    max_seq_length: int = doc("Examples longer than this many tokens are truncated.", default=512)
+    num_examples: Optional[int] = doc(
+        "Examples in the mix (the full run's budget, drawn by weight; a source smaller than its share is "
+        "repeated). Searchable. null: as many as the sources have.",
+        default=None,
+    )
+    seed: int = doc("Seed of the example selection: same seed and weights, same mix.", default=0)
+    template: Literal["auto", "alpaca", "chatml", "plain"] = doc(
+        "Prompt format: `auto` uses the base tokenizer's chat template when it has one, else alpaca.",
+        default="auto",
+    )
+    max_seq_length: int = doc("Longest example in tokens (prompt and response).", default=2048)
+    overlong: Literal["skip", "truncate"] = doc(
+        "What to do with an example longer than max_seq_length: skip it (counted) or cut it.", default="skip"
+    )
 
     def validate(self) -> None:
         if not self.sources:
@@ -91,8 +165,25 @@ class DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: names must be unique, got {names}")
+        for name, weight in self.mix.items():
+            if name not in names:
+                raise ValueError(f"mix.{name}: no data source named {name!r} (sources: {', '.join(names)})")
+            if weight < 0:
+                raise ValueError(f"mix.{name}: weight must be >= 0, got {weight}")
+        if self.mix and len(self.mix) == len(names) and sum(self.mix.values()) <= 0:
+            raise ValueError("mix: at least one source needs a weight > 0")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(f"num_examples: must be >= 1, got {self.num_examples}")
         if self.max_seq_length < 8:
             raise ValueError(f"max_seq_length: must be >= 8, got {self.max_seq_length}")
+
+    def weights(self) -> dict[str, float]:
+        """Normalised mix weights of every source (unlisted sources weigh 1)."""
+        raw = {s.name: float(self.mix.get(s.name, 1.0)) for s in self.sources}
+        total = sum(raw.values())
+        if total <= 0:
+            raise ValueError("mix: at least one source needs a weight > 0")
+        return {name: w / total for name, w in raw.items()}
 
 
 @dataclass(frozen=True)
@@ -106,6 +197,8 @@ class LoraConfig:
         "Modules to adapt: `all-linear` or a list of module names (q_proj, v_proj, ...).",
         default="all-linear",
     )
+    use_rslora: bool = doc("Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", default=False)
+    use_dora: bool = doc("DoRA: weight-decomposed LoRA (slower per step).", default=False)
 
     def validate(self) -> None:
         if self.r < 1:
@@ -121,8 +214,21 @@ class TrainConfig:
     """The training run of one trial."""
 
     learning_rate: float = doc("Peak learning rate of AdamW.", default=2e-4)
-    max_steps: int = doc("Optimizer steps per trial.", default=100)
-    micro_batch_size: int = doc("Examples per forward pass.", default=8)
+    epochs: float = doc(
+        "Passes over the mix in the full training run (what the 24-hour projection times).", default=1.0
+    )
+    max_steps: Optional[int] = doc(
+        "Optimizer steps a trial trains: a short proxy of the full run; null trains the full run (all epochs).",
+        default=None,
+    )
+    packing: bool = doc(
+        "Pack examples into rows of `pack_length` tokens without padding; attention never crosses "
+        "example boundaries. false: pad batches of `micro_batch_size` examples.",
+        default=True,
+    )
+    pack_length: int = doc("Tokens per packed row (one row per micro-batch).", default=8192)
+    micro_batch_size: int = doc("Examples per forward pass when packing is off.", default=8)
+    group_by_length: bool = doc("Padding mode: batch examples of similar length (less padding).", default=False)
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", default=1)
     warmup_fraction: float = doc("Fraction of the steps spent in linear warmup.", default=0.05)
     lr_scheduler: Literal["cosine", "linear", "constant"] = doc(
@@ -130,18 +236,34 @@ class TrainConfig:
     )
     weight_decay: float = doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = doc("Gradient clipping norm.", default=1.0)
-    gradient_checkpointing: bool = doc("Recompute activations in the backward pass to save memory.", default=False)
+    neftune_alpha: Optional[float] = doc(
+        "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input embeddings; null: off.",
+        default=None,
+    )
+    gradient_checkpointing: bool | Literal["auto"] = doc(
+        "Recompute activations in the backward pass to save memory. `auto`: checkpoint only as many layers "
+        "as the GPU profile's memory cap requires (none on CPU).",
+        default="auto",
+    )
     lora: LoraConfig = doc("The LoRA adapter.", default_factory=LoraConfig)
 
     def validate(self) -> None:
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
-        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
+        if not self.epochs > 0:
+            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        for name in ("micro_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.pack_length < 8:
+            raise ValueError(f"pack_length: must be >= 8, got {self.pack_length}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.neftune_alpha is not None and self.neftune_alpha < 0:
+            raise ValueError(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")

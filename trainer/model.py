@@ -39,8 +39,37 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_base_model(config: ModelConfig, device: str | None = None):
-    """The base model with its linear layers quantized to 4 bits (NF4 by default) on `device`."""
+def attention_implementation(config: ModelConfig, device: str) -> str:
+    """The attention kernel to train with: `auto` picks one that keeps packed examples apart cheaply.
+
+    flash-attention's varlen kernels when the package is installed, else
+    flex-attention on GPU (block-sparse, compiled once), else sdpa.
+    """
+    import importlib.util
+
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if not device.startswith("cuda"):
+        return "sdpa"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
+def use_attention(model, implementation: str) -> None:
+    """Switches the attention kernel of a loaded model (e.g. to sdpa for scoring padded batches)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(target.config, "_attn_implementation", None) != implementation:
+        target.set_attn_implementation(implementation)
+
+
+def load_base_model(config: ModelConfig, device: str | None = None, attn_implementation: str | None = None):
+    """The base model with its linear layers quantized to 4 bits (NF4 by default) on `device`.
+
+    Args:
+        config: the base model and its quantization.
+        device: `cuda`, `cuda:N` or `cpu`; default: a GPU when there is one.
+        attn_implementation: overrides `config.attn_implementation` (resolved
+            by `attention_implementation`); scoring uses sdpa.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or default_device()
@@ -58,21 +87,31 @@ def load_base_model(config: ModelConfig, device: str | None = None):
         dtype=dtype,
         device_map={"": device},
         trust_remote_code=config.trust_remote_code,
+        attn_implementation=attn_implementation or attention_implementation(config, device),
     )
     model.config.use_cache = False
     return model
 
 
-def attach_lora(model, config: LoraConfig, gradient_checkpointing: bool = False):
-    """Wraps the 4-bit base in a trainable `PeftModel` with a fresh LoRA adapter."""
+def attach_lora(model, config: LoraConfig):
+    """Wraps the 4-bit base in a trainable `PeftModel` with a fresh LoRA adapter.
+
+    The base stays frozen in its compute dtype (no float32 copies of the
+    embeddings and norms, unlike `prepare_model_for_kbit_training`); the
+    adapter's weights are float32 and run under bf16 autocast on GPU.
+    Gradient checkpointing is set per run by the trainer.
+    """
     import peft
 
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
     lora = peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, lora)
