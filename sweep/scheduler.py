@@ -23,13 +23,11 @@ from sweep.gpus import GpuError, GpuProfile
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
-from sweep.worker import BaselineSpec, TrialResult, TrialSpec, run_baseline, run_trial
+from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, run_baseline, run_trial
 from trainer.data import heldout_docs, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
 log = logging.getLogger("sweep")
-
-_MAX_REASON_CHARS = 500
 
 # Passed to every worker through Ray's runtime_env when set in the driver's environment.
 _PASSED_ENV = (
@@ -166,7 +164,7 @@ def _run_baseline(run: _Run) -> None:
     try:
         result = ray.get(run.baseline_task.remote(spec))
     except ray.exceptions.RayError as e:
-        raise SweepError(f"scoring the base model failed: {_reason(e)} (log: {spec.log_file})") from None
+        raise SweepError(f"scoring the base model failed: {failure_reason(e)} (log: {spec.log_file})") from None
     value = objective(result.scores, config.evaluator.tasks)
     run.store.record_baseline(
         run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds
@@ -194,7 +192,7 @@ def _run_one_trial(run: _Run) -> int:
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"timed out after {timeout:g} minutes") from None
     except BaseException as e:  # every trial ends COMPLETE or FAIL, also on Ctrl-C
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _reason(e)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
         if ref is not None and not isinstance(e, ray.exceptions.RayTaskError):
             ray.cancel(ref, force=True)
         trial.set_user_attr("fail_reason", reason)
@@ -229,11 +227,17 @@ def _run_one_trial(run: _Run) -> int:
         "best is trial %s",
         trial.number, value, _fmt(params), result.train_seconds, result.tokens_per_second,
         f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
-        result.eval_seconds, f"{hours:.1f} h" if hours is not None else "n/a",
+        result.eval_seconds, _duration(hours),
         "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
         f"{best.number} ({best.value:.4f})" if best else "none feasible yet",
     )
     return trial.number
+
+
+def _duration(hours: Optional[float]) -> str:
+    if hours is None:
+        return "n/a"
+    return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
 
 
 def feasibility(result: TrialResult, hours_limit: float) -> dict[str, float]:
@@ -335,19 +339,6 @@ def _is_offline(config: SweepConfig) -> bool:
         and all(t.is_local for t in config.evaluator.tasks)
         and all(s.kind != "hub" for s in config.data.sources)
     )
-
-
-def _reason(error: BaseException) -> str:
-    """One line saying why a trial failed, from the worker's original exception if any."""
-    cause = getattr(error, "cause", None) or error
-    message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-    if message.lower().startswith("out of memory"):
-        reason = message
-    elif type(cause).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
-        reason = f"out of memory: {message}"
-    else:
-        reason = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
-    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
 
 
 def _fmt(values: dict) -> str:

@@ -19,6 +19,8 @@ from typing import Optional
 from evaluator.config import EvalConfig
 from trainer.config import DataConfig, ModelConfig, TrainConfig
 
+MAX_REASON_CHARS = 500
+
 
 @dataclass(frozen=True)
 class TrialSpec:
@@ -153,8 +155,9 @@ def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
 
     props = torch.cuda.get_device_properties(0)
     total_gib = props.total_memory / 2**30
-    if memory_cap_gib is not None and memory_cap_gib < total_gib:
-        torch.cuda.set_per_process_memory_fraction(memory_cap_gib / total_gib, 0)
+    # Always set: a worker process that runs several trials must not keep an earlier trial's cap.
+    cap = memory_cap_gib if memory_cap_gib is not None else total_gib
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gib), 0)
     return detect_profile([(props.name, total_gib)])
 
 
@@ -169,6 +172,19 @@ def run_baseline(spec: BaselineSpec) -> BaselineResult:
         model = load_base_model(spec.model, spec.device, attn_implementation="sdpa")
         evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
         return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a trial failed, from the worker's original exception if any."""
+    cause = getattr(error, "cause", None) or error
+    message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    if message.lower().startswith("out of memory"):
+        reason = message
+    elif type(cause).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
+        reason = f"out of memory: {message}"
+    else:
+        reason = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -57,3 +57,18 @@ def ray_session():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs the `sweep` command in this process; returns its stdout, failing the test on a non-zero exit."""
+    from sweep.cli import main
+
+    def run(*args) -> str:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out
+
+    return run

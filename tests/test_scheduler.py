@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sweep.config import load_config
 from sweep.gpus import PROFILES
-from sweep.scheduler import _cpus_per_trial, _reason, _worker_env
+from sweep.scheduler import _cpus_per_trial, _worker_env
+from sweep.worker import failure_reason
 
 
 class _RayTaskErrorLike(Exception):
@@ -17,15 +18,15 @@ class _RayTaskErrorLike(Exception):
 
 def test_reason_is_one_line_from_the_original_exception():
     error = _RayTaskErrorLike(ValueError("Target modules {'x'} not found\nin the base model"))
-    assert _reason(error) == "ValueError: Target modules {'x'} not found in the base model"
+    assert failure_reason(error) == "ValueError: Target modules {'x'} not found in the base model"
 
 
 def test_reason_names_out_of_memory():
-    assert _reason(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")).startswith("out of memory:")
+    assert failure_reason(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")).startswith("out of memory:")
 
 
 def test_reason_is_bounded():
-    assert len(_reason(ValueError("x" * 5000))) <= 500
+    assert len(failure_reason(ValueError("x" * 5000))) <= 500
 
 
 def test_demo_workers_run_offline_with_their_share_of_threads(monkeypatch):

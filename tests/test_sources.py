@@ -9,7 +9,7 @@ import pytest
 
 from trainer.config import SourceConfig
 from trainer.data import Example
-from trainer.sources import SourceRows, format_row, read_source
+from trainer.sources import SourceRows, format_row, read_source, source_fingerprint
 
 NOT_AN_OBJECT = "[1, 2]"
 
@@ -299,6 +299,10 @@ def test_file_fingerprint_follows_content_and_reading_options(tmp_path):
     assert read_file(tmp_path, "fields", rows[:1], name="a.jsonl").fingerprint != first
     assert read_file(tmp_path, "fields", rows, name="a.jsonl", max_rows=1).fingerprint != first
     assert read_file(tmp_path, "dolly", rows, name="a.jsonl").fingerprint != first
+    # The cache's cheap lookup gives the same fingerprint without parsing the rows.
+    write_jsonl(tmp_path / "b.jsonl", rows)
+    assert source_fingerprint(SourceConfig(name="s", kind="file", path=str(tmp_path / "b.jsonl"),
+                                           format="fields")) == first
 
 
 def test_hub_source_reads_a_local_dataset_directory(tmp_path, monkeypatch):
@@ -318,7 +322,7 @@ def test_hub_source_reads_a_local_dataset_directory(tmp_path, monkeypatch):
     got = read_source(source)
     assert got.examples == [Example("Capital of France?", "Paris."), Example("Capital of Italy?", "Rome.")]
     assert got.skipped == {"missing_field": 1}
-    assert read_source(source).fingerprint == got.fingerprint
+    assert read_source(source).fingerprint == got.fingerprint == source_fingerprint(source)
     capped = read_source(SourceConfig(name="dolly", kind="hub", dataset=str(data_dir), format="dolly", max_rows=1))
     assert capped.examples == got.examples[:1] and capped.fingerprint != got.fingerprint
 
@@ -329,7 +333,7 @@ def test_hub_source_reads_a_local_dataset_directory(tmp_path, monkeypatch):
     os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
     changed = read_source(source)
     assert changed.examples[0] == Example("Capital of France?", "Paris, on the Seine.")
-    assert changed.fingerprint != got.fingerprint
+    assert changed.fingerprint != got.fingerprint and source_fingerprint(source) == changed.fingerprint
 
 
 def test_synthetic_and_misused_formats_are_refused(tmp_path):

@@ -8,34 +8,24 @@ import sqlite3
 import pytest
 import yaml
 
-from sweep.cli import main
-
-
-def run(capsys, *args) -> str:
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return out
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
-def status(capsys, storage, study="e2e") -> dict:
-    return json.loads(run(capsys, "status", "--storage", storage, "--study", study, "--format", "json"))
+def status(cli, storage, study="e2e") -> dict:
+    return json.loads(cli("status", "--storage", storage, "--study", study, "--format", "json"))
 
 
-def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, capsys, ray_session):
+def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli, ray_session):
     monkeypatch.chdir(workdir)
     storage = f"sqlite:///{workdir / 'studies.db'}"
     common = ["--storage", storage, "--study", "e2e", "--gpu", "cpu",
               "--set", "trainer.max_steps=60", "--set", f"orchestration.artifacts_dir={workdir / 'runs'}"]
 
-    run(capsys, "start", "--trials", "2", *common)
-    first = status(capsys, storage)
+    cli("start", "--trials", "2", *common)
+    first = status(cli, storage)
     assert first["study"] == "e2e" and first["direction"] == "maximize"
     trials = first["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
@@ -66,7 +56,7 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cap
 
     # Export the best trial and load it with peft from what the export records.
     out = workdir / "export"
-    run(capsys, "export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
+    cli("export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
     scores = json.loads((out / "scores.json").read_text())
     assert scores["trial"] == best["number"] and scores["value"] == best["value"]
     hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
@@ -92,13 +82,13 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cap
 
     # Two more trials on the same study, each failing at run time: both end FAIL
     # with a reason (the second ran after the first failed); earlier trials stay.
-    run(capsys, "start", "--trials", "2", *common, "--set", "trainer.lora.target_modules=[no_such_module]")
-    after = status(capsys, storage)
+    cli("start", "--trials", "2", *common, "--set", "trainer.lora.target_modules=[no_such_module]")
+    after = status(cli, storage)
     assert len(after["trials"]) == 4
     assert after["trials"][:2] == first["trials"]
     for t in after["trials"][2:]:
         assert t["state"] == "FAIL" and t["value"] is None
         assert "no_such_module" in t["fail_reason"]
     assert after["best"] == first["best"] and after["baseline"] == first["baseline"]
-    table = run(capsys, "status", "--storage", storage)
+    table = cli("status", "--storage", storage)
     assert "FAIL" in table and "COMPLETE" in table

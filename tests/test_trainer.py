@@ -94,10 +94,10 @@ def test_qlora_step_on_gpu_uses_bfloat16_compute(rows, tmp_path):
 def test_out_of_memory_names_the_micro_batch(rows):
     tok = load_tokenizer(MODEL)
     model = attach_lora(load_base_model(MODEL, "cuda"), LoraConfig(r=8, alpha=16))
-    torch.cuda.set_per_process_memory_fraction(0.0005)  # far below what a 2048-token row needs
+    torch.cuda.set_per_process_memory_fraction(0.0004)  # about 30 MiB: far below what a 65536-token row needs
     try:
-        with pytest.raises(TrainingOutOfMemory, match=r"^out of memory at step 1: packed row of 2048 tokens"):
-            train(model, tok, rows * 8, TrainConfig(max_steps=2, pack_length=2048, gradient_checkpointing=False),
+        with pytest.raises(TrainingOutOfMemory, match=r"^out of memory at step 1: packed row of 65536 tokens"):
+            train(model, tok, rows * 16, TrainConfig(max_steps=2, pack_length=65536, gradient_checkpointing=False),
                   seed=0)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

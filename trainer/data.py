@@ -133,16 +133,24 @@ def heldout_docs(source: SourceConfig) -> list[ChoiceDoc]:
     return heldout
 
 
-def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int], str]:
-    """(examples, skip reasons, content fingerprint) of one source."""
+def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int]]:
+    """(examples, skip reasons) of one source."""
     if source.kind == "synthetic":
         train, _ = digit_task(source.seed, source.num_train, source.num_eval)
-        fingerprint = f"synthetic:{source.seed}:{source.num_train}:{source.num_eval}"
-        return [Example(d.instruction, d.choices[d.answer]) for d in train], {}, fingerprint
+        return [Example(d.instruction, d.choices[d.answer]) for d in train], {}
     from trainer.sources import read_source
 
     rows = read_source(source)
-    return rows.examples, dict(rows.skipped), rows.fingerprint
+    return rows.examples, dict(rows.skipped)
+
+
+def fingerprint(source: SourceConfig) -> str:
+    """Identifies a source's content (cheap: no row is parsed)."""
+    if source.kind == "synthetic":
+        return f"synthetic:{source.seed}:{source.num_train}:{source.num_eval}"
+    from trainer.sources import source_fingerprint
+
+    return source_fingerprint(source)
 
 
 def digit_task(seed: int, num_train: int, num_eval: int) -> tuple[list[ChoiceDoc], list[ChoiceDoc]]:
@@ -314,9 +322,11 @@ def draw_mix(
 
 
 def _tokenized_source(tokenizer, source: SourceConfig, config: DataConfig, cache: Path) -> tuple[TokenizedSource, int]:
-    """The tokenized rows of a source, from the cache when its key matches; (rows, 1 if cached)."""
-    examples, skipped, fingerprint = read_examples(source)
-    key = _cache_key(tokenizer, source, config, fingerprint)
+    """The tokenized rows of a source, from the cache when its key matches; (rows, 1 if cached).
+
+    A hit reads no row of the source: the key needs only its fingerprint.
+    """
+    key = _cache_key(tokenizer, source, config, fingerprint(source))
     path = cache / f"{source.name}-{key[:16]}.npz"
     if path.is_file():
         try:
@@ -326,6 +336,7 @@ def _tokenized_source(tokenizer, source: SourceConfig, config: DataConfig, cache
                     return TokenizedSource(data["tokens"], data["offsets"], data["prompt_lengths"], skipped_cached), 1
         except (OSError, ValueError, KeyError):
             pass  # a broken entry is rebuilt
+    examples, skipped = read_examples(source)
     result = tokenize_examples(tokenizer, examples, config.template, config.max_seq_length, config.overlong)
     result = dataclasses.replace(result, skipped=dict(Counter(skipped) + Counter(result.skipped)))
     cache.mkdir(parents=True, exist_ok=True)
@@ -339,11 +350,11 @@ def _tokenized_source(tokenizer, source: SourceConfig, config: DataConfig, cache
     return result, 0
 
 
-def _cache_key(tokenizer, source: SourceConfig, config: DataConfig, fingerprint: str) -> str:
+def _cache_key(tokenizer, source: SourceConfig, config: DataConfig, content: str) -> str:
     vocab = tokenizer.get_vocab()
     tokenizer_id = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
     parts = {
-        "version": _CACHE_VERSION, "source": fingerprint, "format": source.row_format, "fields": source.fields,
+        "version": _CACHE_VERSION, "source": content, "format": source.row_format, "fields": source.fields,
         "tokenizer": tokenizer_id, "tokenizer_class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None), "eos": tokenizer.eos_token_id,
         "template": config.template, "max_seq_length": config.max_seq_length, "overlong": config.overlong,

@@ -84,6 +84,24 @@ def read_source(source: SourceConfig) -> SourceRows:
     return SourceRows(examples=examples, skipped=skipped, fingerprint=fingerprint)
 
 
+def source_fingerprint(source: SourceConfig) -> str:
+    """The fingerprint `read_source` would give, without parsing any row (for cache lookups).
+
+    Files are hashed; hub datasets are opened (datasets keeps them memory-mapped
+    after the first download) only to read their fingerprint.
+    """
+    if source.kind == "hub":
+        import datasets
+
+        dataset = datasets.load_dataset(
+            source.dataset, source.dataset_subset, split=source.split, revision=source.revision
+        )
+        return _hub_fingerprint(source, dataset)
+    if source.kind in ("file", "jsonl"):
+        return _file_fingerprint(source, Path(source.path).read_bytes())
+    raise ValueError(f"source {source.name!r}: {source.kind} sources have no file or dataset to fingerprint")
+
+
 def format_row(fmt: str, row: dict, fields: dict[str, str] | None = None) -> list[Example] | str:
     """One row of a named format as its examples (usually one), or the reason to skip it.
 
@@ -127,9 +145,13 @@ def _read_file_rows(source: SourceConfig) -> tuple[list[object], str]:
     rows = _json_file_rows(path, text) if path.suffix.lower() == ".json" else _jsonl_rows(path, text, source.max_rows)
     if source.max_rows is not None:
         rows = rows[: source.max_rows]
+    return rows, _file_fingerprint(source, data)
+
+
+def _file_fingerprint(source: SourceConfig, data: bytes) -> str:
     digest = hashlib.sha256(data)
     digest.update(_canonical({"format": source.row_format, "fields": source.fields, "max_rows": source.max_rows}))
-    return rows, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _json_file_rows(path: Path, text: str) -> list[object]:
@@ -165,6 +187,13 @@ def _read_hub_rows(source: SourceConfig) -> tuple[list[object], str]:
     import datasets
 
     dataset = datasets.load_dataset(source.dataset, source.dataset_subset, split=source.split, revision=source.revision)
+    fingerprint = _hub_fingerprint(source, dataset)
+    if source.max_rows is not None and source.max_rows < len(dataset):
+        dataset = dataset.select(range(source.max_rows))
+    return list(dataset), fingerprint
+
+
+def _hub_fingerprint(source: SourceConfig, dataset) -> str:
     key = {
         "dataset": source.dataset,
         "subset": source.dataset_subset,
@@ -175,9 +204,7 @@ def _read_hub_rows(source: SourceConfig) -> tuple[list[object], str]:
         "fields": source.fields,
         "max_rows": source.max_rows,
     }
-    if source.max_rows is not None and source.max_rows < len(dataset):
-        dataset = dataset.select(range(source.max_rows))
-    return list(dataset), hashlib.sha256(_canonical(key)).hexdigest()
+    return hashlib.sha256(_canonical(key)).hexdigest()
 
 
 def _canonical(value: object) -> bytes:

@@ -31,12 +31,14 @@ from trainer.data import IGNORE_INDEX
 
 GIB = 2**30
 # Bytes kept per token and decoder layer for the backward pass with LoRA on
-# every linear layer and bf16 compute: about 40 x hidden + 12 x intermediate
+# every linear layer and bf16 compute: about 30 x hidden + 9 x intermediate
 # (norm inputs, projections' inputs and outputs, attention output, MLP
-# activations, LoRA dropout masks). Calibrated on a Mistral-7B shape on an H100
-# (bench/trainer_throughput.py prints the estimate beside the measured peak).
-_ACT_BYTES_PER_HIDDEN = 40
-_ACT_BYTES_PER_INTERMEDIATE = 12
+# activations, LoRA dropout masks). Fitted to the peaks measured on a
+# Mistral-7B shape on an H100 at 4k, 8k and 16k-token rows (218k-255k bytes per
+# token and layer against 252k here); bench/trainer_throughput.py prints the
+# estimate beside the measured peak.
+_ACT_BYTES_PER_HIDDEN = 30
+_ACT_BYTES_PER_INTERMEDIATE = 9
 _MEMORY_HEADROOM = 0.92  # the share of the cap the plan may fill (fragmentation, workspaces)
 
 
