@@ -38,8 +38,8 @@ def test_labels_cover_only_the_response():
     ex = Example(instruction="Which is larger, 3 or 7?", response="7")
     row = tokenize_examples(tok, [ex], "alpaca", 128).row(0)
     prompt_len = len(tok(format_prompt("alpaca", ex.instruction))["input_ids"])
-    assert row["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
-    learned = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert row["labels"][:prompt_len].tolist() == [IGNORE_INDEX] * prompt_len
+    learned = [t for t in row["labels"].tolist() if t != IGNORE_INDEX]
     assert learned[-1] == tok.eos_token_id
     assert tok.decode(learned[:-1]).strip() == "7"
 
@@ -66,8 +66,13 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     assert prompt == "<|user|>Hi</s><|assistant|>Hello</s><|user|>Which is larger, 3 or 7?</s><|assistant|>"
     assert full == prompt + "7</s>"
     row = tokenize_examples(tok, [ex], "auto", 256).row(0)
-    learned = [t for t in row["labels"] if t != IGNORE_INDEX]
+    learned = [t for t in row["labels"].tolist() if t != IGNORE_INDEX]
     assert tok.decode(learned).replace(" ", "") == "7</s>"  # the earlier turns are prompt, not loss
+
+
+def plain(rows):
+    """Rows as lists, to compare them."""
+    return [{k: v.tolist() for k, v in r.items()} for r in rows]
 
 
 def _write_jsonl(path, rows):
@@ -110,9 +115,9 @@ def test_mix_draws_by_weight_and_is_seeded(tmp_path):
     assert data.stats.selected == {"dolly": 10, "alpaca": 20, "mine": 10}  # alpaca and mine repeat rows
     assert data.stats.weights == {"dolly": 0.25, "alpaca": 0.5, "mine": 0.25}
     again = prepare_data(tok, config, cache_dir=tmp_path / "cache")
-    assert again.rows == data.rows
+    assert plain(again.rows) == plain(data.rows)
     other_seed = prepare_data(tok, DataConfig(**{**config.__dict__, "seed": 1}), cache_dir=tmp_path / "cache")
-    assert other_seed.rows != data.rows and other_seed.stats.selected == data.stats.selected
+    assert plain(other_seed.rows) != plain(data.rows) and other_seed.stats.selected == data.stats.selected
 
 
 def test_draw_mix_rounds_to_the_budget():
@@ -131,7 +136,7 @@ def test_tokenized_sources_are_cached_by_content(tmp_path):
     first = prepare_data(tok, config, cache_dir=tmp_path / "cache")
     second = prepare_data(tok, config, cache_dir=tmp_path / "cache")
     assert first.stats.cache_hits == 0 and second.stats.cache_hits == 3
-    assert second.rows == first.rows and second.stats.skip_reasons == first.stats.skip_reasons
+    assert plain(second.rows) == plain(first.rows) and second.stats.skip_reasons == first.stats.skip_reasons
     # Changed content: that source is tokenized again, the others still come from the cache.
     _write_jsonl(tmp_path / "mine.jsonl", [{"q": "Echo once", "a": "once"}])
     third = prepare_data(tok, config, cache_dir=tmp_path / "cache")

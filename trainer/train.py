@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX
 
@@ -125,35 +127,33 @@ def collate_packed(rows: list[dict], indices: list[int], pad_token_id: int, pad_
     The first token of each example has no label, so no example learns to
     predict the next one's start. `pad_to` tops the row up with a last
     segment of padding that has no labels and attends only to itself.
+    Rows may hold lists or NumPy arrays.
     """
     import torch
 
-    ids, labels, positions, seq_lens = [], [], [], []
-    for i in indices:
-        r = rows[i]
-        n = len(r["input_ids"])
-        ids.extend(r["input_ids"])
-        labels.extend([IGNORE_INDEX] + r["labels"][1:])
-        positions.extend(range(n))
-        seq_lens.append(n)
-    real = len(ids)
+    ids = [np.asarray(rows[i]["input_ids"], dtype=np.int64) for i in indices]
+    labels = [np.asarray(rows[i]["labels"], dtype=np.int64) for i in indices]
+    seq_lens = [len(x) for x in ids]
+    real = sum(seq_lens)
     if pad_to is not None and pad_to > real:
-        extra = pad_to - real
-        ids.extend([pad_token_id] * extra)
-        labels.extend([IGNORE_INDEX] * extra)
-        positions.extend(range(extra))
-        seq_lens.append(extra)
+        ids.append(np.full(pad_to - real, pad_token_id, dtype=np.int64))
+        labels.append(np.full(pad_to - real, IGNORE_INDEX, dtype=np.int64))
+        seq_lens.append(pad_to - real)
+    flat_labels = np.concatenate(labels)
+    starts = np.cumsum([0, *seq_lens[:-1]])
+    flat_labels[starts] = IGNORE_INDEX
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in seq_lens])
     return {
-        "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
+        "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+        "labels": torch.from_numpy(flat_labels)[None],
+        "position_ids": torch.from_numpy(positions)[None],
         "seq_lens": seq_lens,
         "real_tokens": real,
     }
 
 
 def collate_padded(rows: list[dict], indices: list[int], pad_token_id: int) -> dict:
-    """A batch padded on the right to its longest example."""
+    """A batch padded on the right to its longest example (rows may hold lists or NumPy arrays)."""
     import torch
 
     batch = [rows[i] for i in indices]
@@ -163,8 +163,8 @@ def collate_padded(rows: list[dict], indices: list[int], pad_token_id: int) -> d
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
     for i, r in enumerate(batch):
         n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
+        input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
+        labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
         attention_mask[i, :n] = 1
     return {
         "input_ids": input_ids,
