@@ -49,3 +49,35 @@ def test_a_trial_over_the_memory_cap_fails_with_the_reason_and_the_next_one_trai
     result = train(model, tokenizer, prepare_data(tokenizer, spec.data).rows, spec.train, seed=0)
     assert result.steps == 2 and result.peak_memory_gib > 0
     torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path):
+    """The whole trial on a GPU: packed training (flex-attention), scoring with lm-eval (sdpa), the adapter saved."""
+    from evaluator.harness import write_choice_task
+    from sweep.worker import TrialSpec, run_trial
+    from trainer.data import heldout_docs, write_choice_docs
+
+    source = SourceConfig(name="digits", kind="synthetic", num_train=2400, num_eval=100)
+    data_file = write_choice_docs(heldout_docs(source), tmp_path / "data" / "digits.jsonl", "alpaca")
+    write_choice_task("gpu_digits", data_file, tmp_path / "tasks")
+    spec = TrialSpec(
+        study_name="gpu", trial_number=0, seed=0, params={},
+        model=ModelConfig(name_or_path=DEMO_MODEL_ID),
+        data=DataConfig(sources=[source], template="alpaca", max_seq_length=64),
+        train=TrainConfig(learning_rate=1e-3, epochs=3, max_steps=100, pack_length=320,
+                          lora=LoraConfig(r=8, alpha=16)),
+        eval=EvalConfig(tasks=[TaskConfig(name="gpu_digits", metric="acc")], batch_size=32),
+        task_dir=str(tmp_path / "tasks"), adapter_dir=str(tmp_path / "adapter"), device="cuda",
+        memory_cap_gib=39.35, target_tflops=312.0,
+    )
+    result = run_trial(spec)
+    print(f"GPU trial: acc={result.scores['gpu_digits']:.3f} tok/s={result.tokens_per_second:.0f} "
+          f"peak={result.peak_memory_gib:.3f} GiB mfu={result.mfu:.2e} "
+          f"full run={result.projected_full_run_hours:.4f} h")
+    assert 0.0 <= result.scores["gpu_digits"] <= 1.0 and result.train_steps == 100
+    assert result.final_loss is not None and result.final_loss < 1.5  # starts near 8 on the random base
+    assert 0 < result.peak_memory_gib < 39.35 and result.memory_cap_gib == 39.35
+    assert 0 < result.mfu < 1 and result.projected_full_run_hours > 0
+    assert result.wall_seconds >= result.train_seconds + result.eval_seconds
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
