@@ -137,9 +137,10 @@ def _set_cap(device: str, cap_gib: Optional[float]) -> None:
 
 
 def run_ours(base, rows, settings: dict, steps: int, device: str, cap: Optional[float], peak_tflops) -> Run:
+    import torch
 
     from trainer.model import attach_lora, use_attention
-    from trainer.train import estimate_peak_gib, train
+    from trainer.train import memory_model, train
 
     run = Run(name=settings["name"], kind="ours", settings=settings, profile=settings.get("profile"))
     use_attention(base, settings["attn"])
@@ -161,7 +162,8 @@ def run_ours(base, rows, settings: dict, steps: int, device: str, cap: Optional[
         if peak_tflops:
             run.mfu = result.tokens_per_second * result.flops_per_token / (peak_tflops * 1e12)
         if device == "cuda":
-            run.estimated_peak_gib = estimate_peak_gib(model, settings["pack_length"], result.checkpointed_layers)
+            estimate = memory_model(model, settings["pack_length"], torch.cuda.memory_allocated())
+            run.estimated_peak_gib = estimate.peak(result.checkpointed_layers) / 2**30
     except Exception as e:  # noqa: BLE001 - a setting that fails is a result too
         run.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     finally:

@@ -219,3 +219,17 @@ def test_max_steps_null_trains_the_full_run(rows):
     result = train(model, tok, rows, config, seed=0)
     tokens = sum(len(r["input_ids"]) for r in rows)
     assert result.train_tokens == result.full_run_tokens == 2 * tokens
+
+
+def test_memory_model_plans_the_fewest_checkpointed_layers(lora_model):
+    from trainer.train import memory_model
+
+    estimate = memory_model(lora_model, tokens=4096, allocated_bytes=10**8)
+    assert estimate.num_layers == 2 and estimate.full_layer > estimate.checkpointed_layer > 0
+    assert estimate.peak(2) < estimate.peak(1) < estimate.peak(0)
+    assert estimate.plan(estimate.peak(0)) == 0  # everything fits: recompute nothing
+    assert estimate.plan(estimate.peak(1)) == 1
+    assert estimate.plan(estimate.peak(1) - 1) == 2
+    assert estimate.plan(0) == 2  # nothing fits: checkpoint all, the run may still go out of memory
+    # Longer rows keep more activations per layer.
+    assert memory_model(lora_model, tokens=8192, allocated_bytes=10**8).full_layer == 2 * estimate.full_layer

@@ -245,49 +245,58 @@ def flops_per_token(model) -> float:
     return 4.0 * frozen + 6.0 * trainable
 
 
+@dataclass(frozen=True)
+class MemoryModel:
+    """The planner's estimate of a training step's memory, in bytes."""
+
+    fixed: int
+    """Weights, adapter gradients and AdamW state, one chunk of the loss, one layer being recomputed."""
+    full_layer: int
+    """Activations a plain decoder layer keeps for the backward pass."""
+    checkpointed_layer: int
+    """What a checkpointed layer keeps: its input."""
+    num_layers: int
+
+    def peak(self, checkpointed: int) -> int:
+        return self.fixed + (self.num_layers - checkpointed) * self.full_layer + checkpointed * self.checkpointed_layer
+
+    def plan(self, budget_bytes: float) -> int:
+        """The fewest layers to checkpoint for the peak to fit `budget_bytes` (all layers when none fits)."""
+        for k in range(self.num_layers + 1):
+            if self.peak(k) <= budget_bytes:
+                return k
+        return self.num_layers
+
+
+def memory_model(model, tokens: int, allocated_bytes: int) -> MemoryModel:
+    """The memory model of training `model` (a PeftModel) on micro-batches of `tokens` tokens.
+
+    `allocated_bytes` is what the loaded base and adapter already take.
+    """
+    config = _causal_lm(model).config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return MemoryModel(
+        fixed=allocated_bytes + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full,
+        full_layer=full,
+        checkpointed_layer=tokens * 2 * hidden,
+        num_layers=len(decoder_layers(model)),
+    )
+
+
 def plan_checkpointing(model, tokens: int, memory_budget_gib: Optional[float], device: str) -> int:
     """How many decoder layers to checkpoint so a micro-batch of `tokens` fits the budget.
 
-    Estimate: what is allocated now (base and adapter) + gradients and AdamW
-    state of the trainable weights + the activations kept for the backward
-    pass (full for plain layers, the layer input for checkpointed ones, plus
-    one layer being recomputed) + one chunk of the loss. Returns 0 on CPU or
-    with no budget, and all layers when even that does not fit.
+    Returns 0 on CPU or with no budget (see `memory_model` for the estimate).
     """
     import torch
 
-    layers = decoder_layers(model)
-    if not device.startswith("cuda") or memory_budget_gib is None or not layers:
+    if not device.startswith("cuda") or memory_budget_gib is None or not decoder_layers(model):
         return 0
-    config = _causal_lm(model).config
-    hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate)
-    kept = tokens * 2 * hidden
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fixed = torch.cuda.memory_allocated() + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full
-    budget = memory_budget_gib * GIB * _MEMORY_HEADROOM
-    for k in range(len(layers) + 1):
-        if fixed + (len(layers) - k) * full + k * kept <= budget:
-            return k
-    return len(layers)
-
-
-def estimate_peak_gib(model, tokens: int, checkpointed: int) -> float:
-    """The planner's estimate of peak memory for a plan (for calibration in the benchmark)."""
-    import torch
-
-    layers = decoder_layers(model)
-    config = _causal_lm(model).config
-    hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = (
-        torch.cuda.memory_allocated() + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full
-        + (len(layers) - checkpointed) * full + checkpointed * tokens * 2 * hidden
-    )
-    return total / GIB
+    estimate = memory_model(model, tokens, torch.cuda.memory_allocated())
+    return estimate.plan(memory_budget_gib * GIB * _MEMORY_HEADROOM)
 
 
 def set_checkpointing(model, num_layers: int) -> None:
