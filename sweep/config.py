@@ -94,12 +94,19 @@ class OrchestrationConfig:
     trial_timeout_minutes: Optional[float] = doc(
         "A trial running longer than this is cancelled and stored FAIL; null: no limit.", default=None
     )
+    gpu_memory_cap_gib: Optional[float] = doc(
+        "GPU memory a trial may use, below the profile's cap (e.g. a card shared with a server); "
+        "null: the profile's cap.",
+        default=None,
+    )
 
     def validate(self) -> None:
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial: must be >= 1, got {self.cpus_per_trial}")
         if self.trial_timeout_minutes is not None and self.trial_timeout_minutes <= 0:
             raise ValueError(f"trial_timeout_minutes: must be > 0, got {self.trial_timeout_minutes}")
+        if self.gpu_memory_cap_gib is not None and self.gpu_memory_cap_gib <= 0:
+            raise ValueError(f"gpu_memory_cap_gib: must be > 0, got {self.gpu_memory_cap_gib}")
 
 
 @dataclass(frozen=True)

@@ -280,9 +280,16 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         },
         num_threads=run.cpus_per_trial,
         device=run.device,
-        memory_cap_gib=run.profile.memory_cap_gib,
+        memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
         target_tflops=run.profile.bf16_tflops,
     )
+
+
+def _memory_cap(profile: GpuProfile, override: Optional[float]) -> Optional[float]:
+    """The GPU memory a trial may use: the profile's cap, lowered by the config's."""
+    if override is None:
+        return profile.memory_cap_gib
+    return override if profile.memory_cap_gib is None else min(override, profile.memory_cap_gib)
 
 
 def _ray_tasks(profile: GpuProfile, cpus_per_trial: int) -> dict:
