@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @pytest.mark.gpu
@@ -12,7 +15,7 @@ def test_out_of_memory_trial_fails_and_the_next_trial_completes(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     # The random sampler with seed 0 proposes the 65536-token row first, then the 320-token one.
-    cli("start", "--storage", storage, "--study", "oom", "--trials", "2",
+    cli("start", "--config", str(DEMO), "--storage", storage, "--study", "oom", "--trials", "2",
         "--set", "study.sampler=random", "--set", "study.seed=0",
         "--set", "data.sources.0.num_train=4000", "--set", "trainer.max_steps=20",
         "--set", "orchestration.gpu_memory_cap_gib=0.25",
