@@ -436,8 +436,9 @@ def train(
     steps = min(config.max_steps, full_steps) if config.max_steps is not None else full_steps
     full_run_tokens = int(sum(batches.lengths) * config.epochs)
 
-    if on_gpu and memory_budget_gib is None:
-        memory_budget_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    if on_gpu:  # never plan for more than the card has (a profile bigger than the card)
+        card_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+        memory_budget_gib = min(memory_budget_gib or card_gib, card_gib)
     tokens_per_micro_batch = batches.longest_micro_batch_tokens()
     if config.gradient_checkpointing == "auto":
         checkpointed = plan_checkpointing(model, tokens_per_micro_batch, memory_budget_gib, device.type)
