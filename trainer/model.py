@@ -80,15 +80,26 @@ def load_base_model(config: ModelConfig, device: str | None = None, attn_impleme
         bnb_4bit_use_double_quant=config.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(config.name_or_path),
-        revision=config.revision,
-        quantization_config=quantization,
-        dtype=dtype,
-        device_map={"": device},
-        trust_remote_code=config.trust_remote_code,
-        attn_implementation=attn_implementation or attention_implementation(config, device),
-    )
+    attention = attn_implementation or attention_implementation(config, device)
+
+    def load(attention: str):
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(config.name_or_path),
+            revision=config.revision,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=attention,
+        )
+
+    try:
+        model = load(attention)
+    except (ValueError, ImportError):
+        # An architecture without the kernel `auto` picked: sdpa keeps packed examples apart too, more slowly.
+        if attn_implementation or config.attn_implementation != "auto" or attention == "sdpa":
+            raise
+        model = load("sdpa")
     model.config.use_cache = False
     return model
 
