@@ -92,3 +92,13 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     assert after["best"] == first["best"] and after["baseline"] == first["baseline"]
     table = cli("status", "--storage", storage)
     assert "FAIL" in table and "COMPLETE" in table
+
+    # A trial whose full run would not fit the time limit is COMPLETE but infeasible: an Optuna
+    # constraint the sampler learns from, and never the best.
+    cli("start", "--trials", "1", *common, "--set", "study.full_run_hours_limit=1e-9")
+    last = status(cli, storage)["trials"][-1]
+    assert last["state"] == "COMPLETE" and last["feasible"] is False
+    assert last["constraints"]["full_run_hours_over_limit"] > 0
+    assert last["projected_full_run_hours"] > 1e-9
+    assert status(cli, storage)["best"] == first["best"]  # whatever the infeasible trial scored
+    assert "infeasible" in cli("status", "--storage", storage)
