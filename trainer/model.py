@@ -161,7 +161,7 @@ def load_adapter(adapter_dir: str | Path, device: str | None = None, quantized: 
     base = ModelConfig(name_or_path=recorded["base_model_name_or_path"], revision=recorded.get("revision"))
     device = device or default_device()
     if quantized:
-        model = load_base_model(base, device)
+        model = load_base_model(base, device, attn_implementation="sdpa")  # inference: padded batches
     else:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
