@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 def doc(text: str, **kwargs):
@@ -29,7 +29,12 @@ class TaskConfig:
     )
     num_fewshot: int = doc("Few-shot examples per prompt.", default=0)
     limit: Optional[int] = doc("Score only the first N documents (None: all).", default=None)
-    weight: float = doc("Weight of this task in the objective (a weighted mean).", default=1.0)
+    weight: float = doc("Weight of this task in its suite's aggregate.", default=1.0)
+    chance: float = doc(
+        "Score of a blind guess (e.g. 0.25 for four choices): with `normalize: chance` the aggregate counts "
+        "(score - chance) / (1 - chance).",
+        default=0.0,
+    )
 
     @property
     def is_local(self) -> bool:
@@ -46,20 +51,111 @@ class TaskConfig:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if not self.weight > 0:
             raise ValueError(f"weight: must be > 0, got {self.weight}")
+        if not 0.0 <= self.chance < 1.0:
+            raise ValueError(f"chance: must be in [0, 1), got {self.chance}")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A named group of tasks whose scores combine into one value."""
+
+    file: Optional[str] = doc(
+        "YAML file listing the suite's tasks (a `tasks:` list); a bare name (open, heldout, micro_open, "
+        "micro_heldout) is a suite shipped in configs/suites/. Read when the config is loaded.",
+        default=None,
+    )
+    tasks: list[TaskConfig] = doc("The suite's tasks (given inline, or read from `file`).", default_factory=list)
+
+    def validate(self) -> None:
+        if self.file is None and not self.tasks:
+            raise ValueError("tasks: a suite needs tasks (inline) or a file")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings of generation tasks (greedy); recorded with every trial."""
+
+    max_new_tokens: int = doc("Most tokens generated per request.", default=256)
+    until: list[str] = doc(
+        "Stop sequences (generation ends at the first); empty: the tasks' own.", default_factory=list
+    )
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How trained adapters (and the untuned base) are scored."""
+    """How trained adapters (and the untuned base) are scored, and how the submission is picked."""
 
-    tasks: list[TaskConfig] = doc("Tasks whose weighted mean metric is the trial's objective.", default_factory=list)
+    tasks: list[TaskConfig] = doc(
+        "Shorthand for a single suite named `main` (when `suites` is empty).", default_factory=list
+    )
+    suites: dict[str, SuiteConfig] = doc(
+        "Named suites (e.g. open and heldout); every task of every suite is scored for each trial.",
+        default_factory=dict,
+    )
+    optimize: Optional[str] = doc(
+        "The suite whose aggregate is the study's objective; null: `open`, or the only suite.", default=None
+    )
+    pick_by: Optional[str] = doc(
+        "The suite that picks the submission among the `top_k` trials on `optimize` (tasks the study was not "
+        "tuned on); null: the best trial on `optimize`.",
+        default=None,
+    )
+    top_k: int = doc("How many of the best trials on `optimize` the pick is made from.", default=3)
+    normalize: Literal["chance", "baseline", "none"] = doc(
+        "Per-task normalisation before aggregating: `chance` maps [chance, 1] to [0, 1]; `baseline` divides "
+        "by the untuned base model's score; `none` keeps raw scores.",
+        default="chance",
+    )
+    aggregate: Literal["geometric", "mean"] = doc(
+        "How a suite's normalised task scores combine: weighted geometric mean (as the challenge's HELM "
+        "score) or weighted arithmetic mean.",
+        default="geometric",
+    )
+    floor: float = doc(
+        "Normalised scores below this count as this in the geometric mean, so one zero does not erase a trial.",
+        default=0.01,
+    )
     batch_size: int = doc("Requests per forward pass in lm-eval.", default=16)
+    generation: GenerationConfig = doc("Decoding of generation tasks.", default_factory=GenerationConfig)
 
     def validate(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks: at least one evaluation task is required")
-        names = [t.name for t in self.tasks]
+        if self.tasks and self.suites:
+            raise ValueError("tasks: give either tasks (one suite) or suites, not both")
+        if not self.tasks and not self.suites:
+            raise ValueError("tasks: at least one evaluation task (or a suite) is required")
+        names = [t.name for tasks in self.suite_tasks().values() for t in tasks]
         if len(set(names)) != len(names):
-            raise ValueError(f"tasks: names must be unique, got {names}")
+            raise ValueError(f"tasks: task names must be unique across suites, got {names}")
+        suites = ", ".join(self.suite_tasks())
+        if self.objective_suite not in self.suite_tasks():
+            raise ValueError(f"optimize: no suite named {self.objective_suite!r} (suites: {suites})")
+        if self.pick_by is not None and self.pick_by not in self.suite_tasks():
+            raise ValueError(f"pick_by: no suite named {self.pick_by!r} (suites: {suites})")
+        if self.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
+        if not 0.0 < self.floor < 1.0:
+            raise ValueError(f"floor: must be in (0, 1), got {self.floor}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    def suite_tasks(self) -> dict[str, list[TaskConfig]]:
+        """Each suite's tasks (`tasks` alone is the suite `main`)."""
+        if self.suites:
+            return {name: list(suite.tasks) for name, suite in self.suites.items()}
+        return {"main": list(self.tasks)}
+
+    def all_tasks(self) -> list[TaskConfig]:
+        """Every task of every suite, each once."""
+        return [t for tasks in self.suite_tasks().values() for t in tasks]
+
+    @property
+    def objective_suite(self) -> str:
+        """The suite the study optimises."""
+        if self.optimize is not None:
+            return self.optimize
+        suites = list(self.suite_tasks())
+        return "open" if "open" in suites or len(suites) != 1 else suites[0]

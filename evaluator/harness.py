@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from evaluator.config import TaskConfig
+from evaluator.config import GenerationConfig, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,12 @@ def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) ->
 
 
 def evaluate(
-    model, tokenizer, tasks: list[TaskConfig], task_dir: str | Path | None, batch_size: int = 16
+    model,
+    tokenizer,
+    tasks: list[TaskConfig],
+    task_dir: str | Path | None,
+    batch_size: int = 16,
+    generation: GenerationConfig | None = None,
 ) -> EvalResult:
     """Scores `model` on `tasks` with lm-eval and returns each task's metric.
 
@@ -59,6 +64,8 @@ def evaluate(
         tasks: the tasks; local ones must already have a YAML in `task_dir`.
         task_dir: directory of local task YAML files, or None.
         batch_size: requests per forward pass.
+        generation: greedy decoding settings of generation tasks (max new
+            tokens, stop sequences); None: each task's own.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -91,12 +98,22 @@ def evaluate(
             task_manager=manager,
             log_samples=False,
             bootstrap_iters=0,
+            gen_kwargs=_gen_kwargs(generation),
         )
         for t in group:
             scores[t.name] = _metric(results["results"], t)
     if was_training:
         model.train()
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start)
+
+
+def _gen_kwargs(generation: GenerationConfig | None) -> dict | None:
+    if generation is None:
+        return None
+    kwargs = {"max_gen_toks": generation.max_new_tokens, "do_sample": False}
+    if generation.until:
+        kwargs["until"] = list(generation.until)
+    return kwargs
 
 
 def _metric(results: dict, task: TaskConfig) -> float:

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study", help="study name (default: the only study in the storage)")
     export.add_argument("--storage", default=DEFAULT_STORAGE)
     which = export.add_mutually_exclusive_group(required=True)
-    which.add_argument("--best", action="store_true", help="export the best trial")
+    which.add_argument("--pick", action="store_true",
+                       help="export the submission: the best on the pick_by suite among the top-k on the objective")
+    which.add_argument("--best", action="store_true", help="export the best trial on the objective")
     which.add_argument("--trial", type=int, help="export this trial number")
     export.add_argument("--out", required=True, help="destination directory")
 
@@ -111,7 +113,8 @@ def cmd_start(args) -> int:
         print(f"Study {study_name!r}: no trial completed.")
     else:
         print(f"Study {study_name!r}: best is trial {outcome.best_number} with value {outcome.best_value:.4f}. "
-              f"Export it with: sweep export --study {study_name} --storage {args.storage} --best --out DIR")
+              f"See the pick with `sweep status`; export it with: "
+              f"sweep export --study {study_name} --storage {args.storage} --pick --out DIR")
     return 0
 
 
@@ -129,7 +132,7 @@ def cmd_export(args) -> int:
 
     status = _load_status(args)
     try:
-        out = export_trial(status, None if args.best else args.trial, args.out)
+        out = export_trial(status, "pick" if args.pick else "best" if args.best else args.trial, args.out)
     except ValueError as e:
         raise CliError(str(e)) from None
     print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
@@ -160,7 +163,8 @@ def cmd_validate(args) -> int:
     except ConfigError as e:
         raise CliError(str(e)) from None
     print(f"{args.file}: valid (study {config.study.name!r}, model {config.model.name_or_path}, "
-          f"{len(config.search_space)} searched parameter(s), {len(config.evaluator.tasks)} task(s))")
+          f"{len(config.search_space)} searched parameter(s), {len(config.evaluator.all_tasks())} task(s) "
+          f"in suite(s) {', '.join(config.evaluator.suite_tasks())})")
     return 0
 
 
@@ -191,15 +195,20 @@ def format_table(status: dict) -> str:
     lines = [f"Study {status['study']} ({status['direction']})"]
     base = status["baseline"]
     if base:
-        lines.append(f"Baseline (untuned base): value={base['value']:.4f}")
+        lines.append(f"Baseline (untuned base): value={base['value']:.4f}"
+                     + (f" ({_fmt_values(base['values'])})" if base.get("values") else ""))
     param_names = sorted({k for t in status["trials"] for k in t["params"]})
-    header = ["#", "state", "value", *[p.split(".")[-1] for p in param_names],
+    others = [s for s in status.get("suites", []) if s != status.get("optimize")]
+    header = ["#", "state", "value", *others, *[p.split(".")[-1] for p in param_names],
               "train s", "tok/s", "peak GiB", "full run h", "note"]
     rows = []
     for t in status["trials"]:
         note = t.get("fail_reason") or ("infeasible" if t.get("feasible") is False else "")
+        if status.get("pick") and status["pick"]["number"] == t["number"]:
+            note = "<- pick" + (f"; {note}" if note else "")
         rows.append([
             str(t["number"]), t["state"], "" if t["value"] is None else f"{t['value']:.4f}",
+            *[_number(t.get("values", {}).get(s), "{:.4f}") for s in others],
             *[_cell(t["params"].get(p)) for p in param_names],
             _number(t.get("train_seconds"), "{:.1f}"), _number(t.get("tokens_per_second"), "{:.0f}"),
             _number(t.get("peak_memory_gib"), "{:.2f}"), _number(t.get("projected_full_run_hours"), "{:.2f}"),
@@ -210,8 +219,21 @@ def format_table(status: dict) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     best = status["best"]
     if best:
-        lines.append(f"Best: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")
+        on = f" on {status['optimize']}" if status.get("optimize") else ""
+        lines.append(f"Best{on}: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")
+    pick = status.get("pick")
+    if pick and status.get("pick_by"):
+        rho = status.get("rank_correlation")
+        lines.append(
+            f"Pick (best on {status['pick_by']} among the top {status['top_k']} on {status['optimize']}): "
+            f"trial {pick['number']} {_fmt_values(pick['values'])}"
+            + (f"; rank correlation {status['optimize']}/{status['pick_by']} = {rho:.2f}" if rho is not None else "")
+        )
     return "\n".join(lines)
+
+
+def _fmt_values(values: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
 
 
 def _number(value, fmt: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from evaluator.config import EvalConfig, TaskConfig
+from evaluator.config import EvalConfig, SuiteConfig, TaskConfig
 from trainer.config import DataConfig, LoraConfig, ModelConfig, SourceConfig, TrainConfig, doc
 
 DEMO_CONFIG_NAME = "demo.yaml"
@@ -129,14 +129,14 @@ class SweepConfig:
 
     def validate(self) -> None:
         sources = {s.name: s for s in self.data.sources}
-        for i, task in enumerate(self.evaluator.tasks):
+        for key, task in _task_keys(self.evaluator):
             if task.source is not None:
                 src = sources.get(task.source)
                 if src is None:
-                    raise ValueError(f"evaluator.tasks.{i}.source: no data source named {task.source!r}")
+                    raise ValueError(f"evaluator.{key}.source: no data source named {task.source!r}")
                 if src.kind != "synthetic":
                     raise ValueError(
-                        f"evaluator.tasks.{i}.source: source {task.source!r} ({src.kind}) has no held-out split"
+                        f"evaluator.{key}.source: source {task.source!r} ({src.kind}) has no held-out split"
                     )
         if self.trainer.packing and self.trainer.pack_length < self.data.max_seq_length:
             raise ValueError(
@@ -145,6 +145,15 @@ class SweepConfig:
             )
         for path, space in self.search_space.items():
             _check_searchable(self, path, space)
+
+
+def _task_keys(config: EvalConfig):
+    """(dotted key, task) of every task, as the user wrote it (tasks.N or suites.NAME.tasks.N)."""
+    for i, task in enumerate(config.tasks):
+        yield f"tasks.{i}", task
+    for name, suite in config.suites.items():
+        for i, task in enumerate(suite.tasks):
+            yield f"suites.{name}.tasks.{i}", task
 
 
 SEARCHABLE_SECTIONS = ("trainer", "data")
@@ -195,6 +204,47 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("sweep.configs").joinpath(DEMO_CONFIG_NAME)))
 
 
+def suite_path(file: str, base: Path) -> Path:
+    """A suite file: a bare name (`open`) is a suite shipped in configs/suites/, else a path from `base`."""
+    if "/" not in file and not file.endswith((".yaml", ".yml")):
+        return Path(str(resources.files("sweep.configs").joinpath("suites", f"{file}.yaml")))
+    return (base / Path(file).expanduser()).resolve()
+
+
+def _load_suites(config: SweepConfig, base: Path, source: str) -> SweepConfig:
+    """Reads each suite given by `file` into its tasks (paths in a suite file are relative to it)."""
+    suites = {}
+    for name, suite in config.evaluator.suites.items():
+        if suite.file is None:
+            suites[name] = suite
+            continue
+        key = f"evaluator.suites.{name}.file"
+        path = suite_path(suite.file, base)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError:
+            raise ConfigError(f"{source}: {key}: no suite file {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
+            raise ConfigError(f"{path}: expected a mapping with a `tasks` list")
+        tasks = [from_dict(TaskConfig, t, source=str(path), prefix=f"tasks.{i}") for i, t in enumerate(raw["tasks"])]
+        tasks = [dataclasses.replace(t, data_file=_absolute(t.data_file, path.parent)) for t in tasks]
+        suites[name] = SuiteConfig(file=str(path), tasks=tasks)
+    evaluator = dataclasses.replace(config.evaluator, suites=suites)
+    resolved = dataclasses.replace(config, evaluator=evaluator)
+    for section, obj in (("evaluator", evaluator), ("", resolved)):
+        try:
+            obj.validate()
+        except ValueError as e:
+            raise ConfigError(f"{source}: {_join(section, str(e))}") from None
+    return resolved
+
+
+def _absolute(p: Optional[str], base: Path) -> Optional[str]:
+    return None if p is None else str((base / Path(p).expanduser()).resolve())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
     """Loads, overrides and validates a config; `path=None` loads the embedded demo config.
 
@@ -214,6 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_raw(raw, key, value, item)
     config = _resolve_paths(from_dict(SweepConfig, raw, source=str(path)), path.parent)
+    config = _load_suites(config, path.parent, str(path))
     _check_files_exist(config, str(path))
     return config
 
@@ -386,15 +437,18 @@ def _convert(tp, value, source: str, key: str):
 
 def _resolve_paths(config: SweepConfig, base: Path) -> SweepConfig:
     """Makes file paths in the config absolute, relative to the config file's directory."""
-    def absolute(p: Optional[str]) -> Optional[str]:
-        return None if p is None else str((base / Path(p).expanduser()).resolve())
-
-    sources = [dataclasses.replace(s, path=absolute(s.path)) for s in config.data.sources]
-    tasks = [dataclasses.replace(t, data_file=absolute(t.data_file)) for t in config.evaluator.tasks]
+    sources = [dataclasses.replace(s, path=_absolute(s.path, base)) for s in config.data.sources]
+    tasks = [dataclasses.replace(t, data_file=_absolute(t.data_file, base)) for t in config.evaluator.tasks]
+    suites = {
+        name: dataclasses.replace(
+            suite, tasks=[dataclasses.replace(t, data_file=_absolute(t.data_file, base)) for t in suite.tasks]
+        )
+        for name, suite in config.evaluator.suites.items()
+    }
     return dataclasses.replace(
         config,
         data=dataclasses.replace(config.data, sources=sources),
-        evaluator=dataclasses.replace(config.evaluator, tasks=tasks),
+        evaluator=dataclasses.replace(config.evaluator, tasks=tasks, suites=suites),
     )
 
 
@@ -402,9 +456,9 @@ def _check_files_exist(config: SweepConfig, source: str) -> None:
     for i, s in enumerate(config.data.sources):
         if s.path is not None and not Path(s.path).is_file():
             raise ConfigError(f"{source}: data.sources.{i}.path: no such file {s.path}")
-    for i, t in enumerate(config.evaluator.tasks):
+    for key, t in _task_keys(config.evaluator):
         if t.data_file is not None and not Path(t.data_file).is_file():
-            raise ConfigError(f"{source}: evaluator.tasks.{i}.data_file: no such file {t.data_file}")
+            raise ConfigError(f"{source}: evaluator.{key}.data_file: no such file {t.data_file}")
 
 
 def _join(prefix: str, name: str) -> str:

@@ -27,6 +27,10 @@ def study_status(study, store: Store) -> dict[str, Any]:
             "scores": dict(rec.scores) if rec else {},
             "adapter_dir": rec.adapter_dir if rec else None,
         }
+        values = (rec.values if rec is not None else None) or t.user_attrs.get("values") or {}
+        row["values"] = dict(values)
+        for suite, value in values.items():
+            row[f"{suite}_value"] = value
         if rec is not None:
             row.update({name: getattr(rec, name) for name in MEASUREMENTS})
             row["feasible"] = rec.feasible
@@ -38,9 +42,21 @@ def study_status(study, store: Store) -> dict[str, Any]:
         trials.append(row)
     best = best_trial(study)
     baseline = store.baseline(study.study_name)
+    attrs = study.user_attrs
+    optimize, pick_by, top_k = attrs.get("optimize"), attrs.get("pick_by"), attrs.get("top_k", 1)
+    pick = pick_submission(trials, optimize, pick_by, top_k, maximize=study.direction.name == "MAXIMIZE")
     return {
         "study": study.study_name,
         "direction": study.direction.name.lower(),
+        "suites": attrs.get("suites", []),
+        "optimize": optimize,
+        "pick_by": pick_by,
+        "top_k": top_k,
+        "pick": None if pick is None else {
+            "number": pick["number"], "value": pick["value"], "values": pick["values"],
+            "params": pick["params"], "adapter_dir": pick["adapter_dir"],
+        },
+        "rank_correlation": rank_correlation(trials, optimize, pick_by),
         "trials": trials,
         "best": None if best is None else {
             "number": best.number,
@@ -50,22 +66,87 @@ def study_status(study, store: Store) -> dict[str, Any]:
         },
         "baseline": None if baseline is None else {
             "model": baseline["model"], "scores": baseline["scores"], "value": baseline["value"],
+            "values": baseline.get("values"),
         },
     }
 
 
-def export_trial(status: dict[str, Any], trial_number: Optional[int], out_dir: str | Path) -> Path:
+def _candidates(trials: list[dict], *suites: Optional[str]) -> list[dict]:
+    """COMPLETE, feasible trials that have a value for every named suite."""
+    return [
+        t for t in trials
+        if t["state"] == "COMPLETE" and t.get("feasible") is not False
+        and all(s is None or t["values"].get(s) is not None for s in suites)
+    ]
+
+
+def pick_submission(
+    trials: list[dict], optimize: Optional[str], pick_by: Optional[str], top_k: int, maximize: bool = True
+) -> Optional[dict]:
+    """The submission: the best on `pick_by` among the `top_k` best on `optimize` (feasible, COMPLETE).
+
+    Without `pick_by` it is the best on `optimize`. Ties go to the better
+    `optimize` value, then the earlier trial.
+    """
+    sign = 1.0 if maximize else -1.0
+    candidates = _candidates(trials, optimize, pick_by)
+    if not candidates:
+        return None
+
+    def on(suite):
+        return lambda t: sign * (t["values"][suite] if suite else t["value"])
+
+    top = sorted(candidates, key=lambda t: (-on(optimize)(t), t["number"]))[: max(1, top_k)]
+    if pick_by is None:
+        return top[0]
+    return min(top, key=lambda t: (-on(pick_by)(t), -on(optimize)(t), t["number"]))
+
+
+def rank_correlation(trials: list[dict], first: Optional[str], second: Optional[str]) -> Optional[float]:
+    """Spearman's rank correlation between two suites' values across COMPLETE trials (None under 3 trials)."""
+    if not first or not second or first == second:
+        return None
+    pairs = [(t["values"][first], t["values"][second]) for t in _candidates(trials, first, second)]
+    if len(pairs) < 3:
+        return None
+    a, b = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+    var_a = sum((x - mean_a) ** 2 for x in a)
+    var_b = sum((y - mean_b) ** 2 for y in b)
+    return cov / (var_a * var_b) ** 0.5 if var_a > 0 and var_b > 0 else None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path) -> Path:
     """Copies a trial's adapter, hyperparameters.yaml and scores.json to `out_dir`.
 
     Args:
         status: the study's status (`study_status`).
-        trial_number: the trial to export; None for the best.
+        which: a trial number, `best` (the best on the objective) or `pick` (the submission).
         out_dir: destination (created; existing adapter files are replaced).
     """
-    if trial_number is None:
-        if status["best"] is None:
-            raise ValueError(f"study {status['study']!r} has no COMPLETE trial to export")
-        trial_number = status["best"]["number"]
+    if which in ("best", "pick"):
+        chosen = status.get(which)
+        if chosen is None:
+            raise ValueError(f"study {status['study']!r} has no feasible COMPLETE trial to export")
+        trial_number = chosen["number"]
+    else:
+        trial_number = int(which)
     trial = next((t for t in status["trials"] if t["number"] == trial_number), None)
     if trial is None:
         raise ValueError(f"study {status['study']!r} has no trial {trial_number}")
@@ -83,6 +164,7 @@ def export_trial(status: dict[str, Any], trial_number: Optional[int], out_dir: s
         "study": status["study"],
         "trial": trial_number,
         "value": trial["value"],
+        "values": trial["values"],
         "scores": trial["scores"],
         "params": trial["params"],
         "baseline": status["baseline"],

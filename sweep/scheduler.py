@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evaluator.harness import write_choice_task
-from evaluator.score import objective
+from evaluator.score import suite_values
 from sweep.config import SweepConfig, to_dict, with_params
 from sweep.gpus import GpuError, GpuProfile
 from sweep.space import suggest
@@ -80,6 +80,12 @@ def run_sweep(
     start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
 
     study = create_or_load_study(config, make_storage(storage_url), study_name)
+    # How `sweep status` picks the submission; the latest start's settings apply.
+    evaluator = config.evaluator
+    study.set_user_attr("suites", list(evaluator.suite_tasks()))
+    study.set_user_attr("optimize", evaluator.objective_suite)
+    study.set_user_attr("pick_by", evaluator.pick_by)
+    study.set_user_attr("top_k", evaluator.top_k)
     run = _Run(
         config=config,
         study=study,
@@ -129,7 +135,7 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
     """Writes the local lm-eval tasks (and their held-out data) into the sweep's work area."""
     task_dir = work_dir / "tasks"
     sources = {s.name: s for s in config.data.sources}
-    for task in config.evaluator.tasks:
+    for task in config.evaluator.all_tasks():
         if task.source is not None:
             data_file = write_choice_docs(
                 heldout_docs(sources[task.source]), work_dir / "data" / f"{task.name}.jsonl",
@@ -165,11 +171,12 @@ def _run_baseline(run: _Run) -> None:
         result = ray.get(run.baseline_task.remote(spec))
     except ray.exceptions.RayError as e:
         raise SweepError(f"scoring the base model failed: {failure_reason(e)} (log: {spec.log_file})") from None
-    value = objective(result.scores, config.evaluator.tasks)
+    values = suite_values(result.scores, config.evaluator, baseline=result.scores)
+    value = values[config.evaluator.objective_suite]
     run.store.record_baseline(
-        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds
+        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds, values
     )
-    log.info("Baseline: value=%.4f scores=%s", value, _fmt(result.scores))
+    log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
 
 
 def _run_one_trial(run: _Run) -> int:
@@ -207,25 +214,28 @@ def _run_one_trial(run: _Run) -> int:
             raise
         return trial.number
 
-    value = objective(result.scores, config.evaluator.tasks)
+    baseline = store.baseline(study.study_name)
+    values = suite_values(result.scores, config.evaluator, baseline["scores"] if baseline else None)
+    value = values[config.evaluator.objective_suite]
     constraints = feasibility(result, config.study.full_run_hours_limit)
     store.record_trial(study.study_name, TrialRecord(
         trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-        started_at=started, finished_at=_now(), feasible=all(v <= 0 for v in constraints.values()),
+        values=values, started_at=started, finished_at=_now(), feasible=all(v <= 0 for v in constraints.values()),
         **{name: getattr(result, name) for name in MEASUREMENTS},
-    ), metrics={t.name: t.metric for t in config.evaluator.tasks})
+    ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
     # Attributes and constraints must be set before tell: a finished trial can't be updated.
     trial.set_user_attr("adapter_dir", result.adapter_dir)
     trial.set_user_attr("scores", result.scores)
+    trial.set_user_attr("values", values)
     for name, amount in constraints.items():
         trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
     study.tell(trial, value)
     best = best_trial(study)
     hours = result.projected_full_run_hours
     log.info(
-        "Trial %d COMPLETE: value=%.4f params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
+        "Trial %d COMPLETE: %s params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
         "best is trial %s",
-        trial.number, value, _fmt(params), result.train_seconds, result.tokens_per_second,
+        trial.number, _fmt(values), _fmt(params), result.train_seconds, result.tokens_per_second,
         f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
         result.eval_seconds, _duration(hours),
         "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
@@ -343,7 +353,7 @@ def _is_offline(config: SweepConfig) -> bool:
     """A sweep that needs nothing from the hub runs with the offline flags on."""
     return (
         config.model.name_or_path == DEMO_MODEL_ID
-        and all(t.is_local for t in config.evaluator.tasks)
+        and all(t.is_local for t in config.evaluator.all_tasks())
         and all(s.kind != "hub" for s in config.data.sources)
     )
 

@@ -58,6 +58,7 @@ trial_records = Table(
     Column("full_run_tokens", Integer),
     Column("projected_full_run_hours", Float),
     Column("feasible", Boolean),
+    Column("values", JSON),
     Column("data", JSON),
     Column("fail_reason", Text),
     Column("started_at", DateTime),
@@ -84,6 +85,7 @@ baselines = Table(
     Column("model", Text, nullable=False),
     Column("value", Float, nullable=False),
     Column("scores", JSON, nullable=False),
+    Column("values", JSON),
     Column("eval_seconds", Float),
     Column("created_at", DateTime, nullable=False),
 )
@@ -120,6 +122,8 @@ class TrialRecord:
     projected_full_run_hours: Optional[float] = None
     feasible: Optional[bool] = None
     """Within the profile's memory cap and the full-run time limit; None when not measured."""
+    values: Optional[dict] = None
+    """Each suite's aggregate (the objective is the optimised suite's)."""
     data: Optional[dict] = None
     fail_reason: Optional[str] = None
     started_at: Optional[dt.datetime] = None
@@ -150,9 +154,10 @@ class Store:
             metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
         self._readable = create or inspect(self.engine).has_table(trial_records.name)
-        self._columns = (
-            {c["name"] for c in inspect(self.engine).get_columns(trial_records.name)} if self._readable else set()
-        )
+        self._columns = {
+            table.name: {c["name"] for c in inspect(self.engine).get_columns(table.name)} if self._readable else set()
+            for table in (trial_records, baselines)
+        }
 
     # --- writes (driver only) ---
 
@@ -177,11 +182,11 @@ class Store:
                 ))
 
     def record_baseline(self, study_name: str, model: str, value: float, scores: dict[str, float],
-                        eval_seconds: float | None) -> None:
+                        eval_seconds: float | None, values: dict[str, float] | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(baselines.delete().where(baselines.c.study_name == study_name))
             conn.execute(baselines.insert().values(
-                study_name=study_name, model=model, value=float(value), scores=scores,
+                study_name=study_name, model=model, value=float(value), scores=scores, values=values,
                 eval_seconds=eval_seconds, created_at=_now(),
             ))
 
@@ -195,7 +200,7 @@ class Store:
             for r in conn.execute(select(task_scores).where(task_scores.c.study_name == study_name)):
                 scores.setdefault(r.trial_number, {})[r.task] = r.value
             out = {}
-            columns = [c for c in trial_records.c if c.name in self._columns]  # older databases lack newer ones
+            columns = _present(trial_records, self._columns)  # older databases lack newer columns
             for r in conn.execute(select(*columns).where(trial_records.c.study_name == study_name)):
                 fields = {k: v for k, v in r._mapping.items() if k not in ("id", "study_name")}
                 out[r.trial_number] = TrialRecord(scores=scores.get(r.trial_number, {}), **fields)
@@ -205,21 +210,30 @@ class Store:
         if not self._readable:
             return None
         with self.engine.connect() as conn:
-            r = conn.execute(select(baselines).where(baselines.c.study_name == study_name)).first()
+            r = conn.execute(
+                select(*_present(baselines, self._columns)).where(baselines.c.study_name == study_name)
+            ).first()
         if r is None:
             return None
-        scores = r.scores if isinstance(r.scores, dict) else json.loads(r.scores)
-        return {"model": r.model, "value": r.value, "scores": scores, "eval_seconds": r.eval_seconds}
+        row = r._mapping
+        scores = row["scores"] if isinstance(row["scores"], dict) else json.loads(row["scores"])
+        return {"model": row["model"], "value": row["value"], "scores": scores, "values": row.get("values"),
+                "eval_seconds": row["eval_seconds"]}
 
 
 def _add_missing_columns(engine: Engine) -> None:
     """Adds columns introduced since a database was created (all nullable), so old studies keep working."""
-    present = {c["name"] for c in inspect(engine).get_columns(trial_records.name)}
-    with engine.begin() as conn:
-        for column in trial_records.c:
-            if column.name not in present:
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {trial_records.name} ADD COLUMN {column.name} {kind}")
+    for table in (trial_records, baselines):
+        present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        with engine.begin() as conn:
+            for column in table.c:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+
+
+def _present(table: Table, columns: dict[str, set[str]]) -> list:
+    return [c for c in table.c if c.name in columns[table.name]]
 
 
 def _now() -> dt.datetime:

@@ -118,7 +118,9 @@ def _run_trial(spec: TrialSpec) -> TrialResult:
     model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora)
     trained = train(model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib)
     use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes
-    evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
+    evaluated = evaluate(
+        model, tokenizer, spec.eval.all_tasks(), spec.task_dir, spec.eval.batch_size, spec.eval.generation
+    )
     save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
     card_tflops = card.bf16_tflops if card is not None else None
     # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
@@ -170,7 +172,9 @@ def run_baseline(spec: BaselineSpec) -> BaselineResult:
 
         tokenizer = load_tokenizer(spec.model)
         model = load_base_model(spec.model, spec.device, attn_implementation="sdpa")
-        evaluated = evaluate(model, tokenizer, spec.eval.tasks, spec.task_dir, spec.eval.batch_size)
+        evaluated = evaluate(
+            model, tokenizer, spec.eval.all_tasks(), spec.task_dir, spec.eval.batch_size, spec.eval.generation
+        )
         return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
 
 

@@ -1,24 +1,23 @@
-"""Scoring with lm-eval on a local task written at run time; the objective's arithmetic."""
+"""Scoring with lm-eval on a local task written at run time; suites and their aggregate."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from evaluator.config import TaskConfig
+from evaluator.config import EvalConfig, SuiteConfig, TaskConfig
 from evaluator.harness import write_choice_task
-from evaluator.score import objective
+from evaluator.score import aggregate, normalized, suite_values
 from trainer.data import ChoiceDoc, write_choice_docs
 
 
-def test_objective_is_the_weighted_mean():
+def test_mean_of_raw_scores_is_the_weighted_mean():
     tasks = [TaskConfig(name="a", weight=1.0), TaskConfig(name="b", weight=3.0)]
     # (1 * 0.2 + 3 * 0.6) / 4 = 0.5
-    assert objective({"a": 0.2, "b": 0.6}, tasks) == pytest.approx(0.5)
-    with pytest.raises(KeyError):
-        objective({"a": 0.2}, tasks)
+    assert aggregate({"a": 0.2, "b": 0.6}, tasks, method="mean", normalize="none") == pytest.approx(0.5)
 
 
 def test_local_task_file_points_at_absolute_data(tmp_path, monkeypatch):
@@ -50,3 +49,44 @@ def test_lm_eval_scores_the_4bit_base_on_a_local_task(demo_base_dir, tmp_path):
     assert result.eval_seconds > 0
     with pytest.raises(KeyError, match="no metric"):
         evaluate(model, tok, [TaskConfig(name="digits_t", metric="bleu")], tmp_path / "tasks")
+
+
+def test_aggregate_worked_example_from_the_readme():
+    # Three tasks: a four-choice task (chance 0.25), a generation task, a two-choice task (chance 0.5).
+    tasks = [
+        TaskConfig(name="mc", chance=0.25, weight=2.0),
+        TaskConfig(name="gen", metric="exact_match"),
+        TaskConfig(name="yesno", chance=0.5),
+    ]
+    scores = {"mc": 0.55, "gen": 0.2, "yesno": 0.45}
+    # Normalised: mc (0.55 - 0.25) / 0.75 = 0.4; gen 0.2; yesno below chance -> 0, counted as the floor 0.01.
+    assert normalized(0.55, tasks[0]) == pytest.approx(0.4)
+    assert normalized(0.45, tasks[2]) == 0.0
+    expected = math.exp((2 * math.log(0.4) + math.log(0.2) + math.log(0.01)) / 4)
+    assert aggregate(scores, tasks) == pytest.approx(expected)
+    assert aggregate(scores, tasks) == pytest.approx(0.1337, abs=1e-4)
+    # The arithmetic mean of the same normalised scores, and the geometric mean against a base model.
+    assert aggregate(scores, tasks, method="mean") == pytest.approx((2 * 0.4 + 0.2 + 0.0) / 4)
+    base = {"mc": 0.5, "gen": 0.1, "yesno": 0.5}
+    ratios = [0.55 / 0.5, 0.2 / 0.1, 0.45 / 0.5]
+    expected_base = math.exp((2 * math.log(ratios[0]) + math.log(ratios[1]) + math.log(ratios[2])) / 4)
+    assert aggregate(scores, tasks, normalize="baseline", baseline=base) == pytest.approx(expected_base)
+    with pytest.raises(KeyError):
+        aggregate({"mc": 0.5}, tasks)
+
+
+def test_suite_values_follow_the_config():
+    suites = {
+        "open": SuiteConfig(tasks=[TaskConfig(name="a", chance=0.5), TaskConfig(name="b")]),
+        "heldout": SuiteConfig(tasks=[TaskConfig(name="c")]),
+    }
+    config = EvalConfig(suites=suites, pick_by="heldout")
+    assert config.objective_suite == "open" and [t.name for t in config.all_tasks()] == ["a", "b", "c"]
+    values = suite_values({"a": 0.75, "b": 0.5, "c": 0.3}, config)
+    assert values == pytest.approx({"open": math.sqrt(0.5 * 0.5), "heldout": 0.3})
+    # normalize: baseline with no baseline scores falls back to chance.
+    fallback = suite_values({"a": 0.75, "b": 0.5, "c": 0.3}, EvalConfig(suites=suites, normalize="baseline"))
+    assert fallback == values
+    with pytest.raises(ValueError, match="unique"):
+        EvalConfig(suites={"x": SuiteConfig(tasks=[TaskConfig(name="a")]),
+                           "y": SuiteConfig(tasks=[TaskConfig(name="a")])}).validate()
