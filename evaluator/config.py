@@ -27,6 +27,12 @@ class TaskConfig:
         "relative to the config file.",
         default=None,
     )
+    generator: Optional[str] = doc(
+        "Build this offline micro task (generated documents in a real task's shape): micro_mc (lettered "
+        "multiple choice), micro_gen (exact match, GSM8K-like), micro_sum (ROUGE-2), micro_ethics, micro_math.",
+        default=None,
+    )
+    num_docs: int = doc("For a generator task: documents generated.", default=100)
     num_fewshot: int = doc("Few-shot examples per prompt.", default=0)
     limit: Optional[int] = doc("Score only the first N documents (None: all).", default=None)
     weight: float = doc("Weight of this task in its suite's aggregate.", default=1.0)
@@ -38,13 +44,20 @@ class TaskConfig:
 
     @property
     def is_local(self) -> bool:
-        return self.source is not None or self.data_file is not None
+        return self.source is not None or self.data_file is not None or self.generator is not None
 
     def validate(self) -> None:
         if not self.name:
             raise ValueError("name: must be a non-empty string")
-        if self.source is not None and self.data_file is not None:
-            raise ValueError("source: give either source or data_file, not both")
+        if sum(x is not None for x in (self.source, self.data_file, self.generator)) > 1:
+            raise ValueError("source: give at most one of source, data_file and generator")
+        if self.generator is not None:
+            from evaluator.micro import MICRO_TASKS
+
+            if self.generator not in MICRO_TASKS:
+                raise ValueError(f"generator: expected one of {', '.join(MICRO_TASKS)}, got {self.generator!r}")
+            if self.num_docs < 1:
+                raise ValueError(f"num_docs: must be >= 1, got {self.num_docs}")
         if self.num_fewshot < 0:
             raise ValueError(f"num_fewshot: must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit < 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evaluator.harness import write_choice_task
+from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
 from sweep.config import SweepConfig, to_dict, with_params
 from sweep.gpus import GpuError, GpuProfile
@@ -144,6 +145,8 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
             write_choice_task(task.name, data_file, task_dir)
         elif task.data_file is not None:
             write_choice_task(task.name, task.data_file, task_dir)
+        elif task.generator is not None:
+            write_micro_task(task.name, task.generator, task_dir, n=task.num_docs)
     task_dir.mkdir(parents=True, exist_ok=True)
     return task_dir
 

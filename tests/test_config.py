@@ -13,7 +13,7 @@ import yaml
 from sweep.config import ConfigError, demo_config_path, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def write_config(tmp_path, mutate) -> Path:
@@ -28,7 +28,24 @@ def write_config(tmp_path, mutate) -> Path:
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert config.study.name
-    assert config.evaluator.tasks
+    assert config.evaluator.all_tasks()
+    assert config.evaluator.objective_suite in config.evaluator.suite_tasks()
+
+
+def test_suite_files_are_read_by_name_or_path(tmp_path):
+    config = load_config(ROOT / "configs" / "mistral-7b-a100.yaml")
+    suites = config.evaluator.suite_tasks()
+    assert {"mmlu", "truthfulqa_mc1", "bbq", "gsm8k", "cnn_dailymail_abisee"} <= {t.name for t in suites["open"]}
+    assert {"ethics_justice", "ethics_cm", "ethics_virtue", "ethics_deontology", "ethics_utilitarianism",
+            "hendrycks_math"} <= {t.name for t in suites["heldout"]}
+    assert config.evaluator.pick_by == "heldout" and config.evaluator.objective_suite == "open"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("tasks:\n  - {name: my_ethics, generator: micro_ethics, chance: 0.5}\n")
+    other = load_config(None, [f"evaluator.suites.heldout.file={mine}", "evaluator.suites.heldout.tasks=[]"])
+    assert [t.name for t in other.evaluator.suite_tasks()["heldout"]] == ["my_ethics"]
+    missing = [f"evaluator.suites.heldout.file={tmp_path / 'none.yaml'}", "evaluator.suites.heldout.tasks=[]"]
+    with pytest.raises(ConfigError, match="evaluator.suites.heldout.file: no suite file"):
+        load_config(None, missing)
 
 
 def test_embedded_demo_is_the_repo_demo():
@@ -62,7 +79,8 @@ def test_set_overrides_values_at_any_depth():
     (lambda c: c["search_space"].update({"trainer.nope": {"type": "float", "low": 0, "high": 1}}),
      "search_space.trainer.nope"),
     (lambda c: c["search_space"]["trainer.lora.r"].update(choices=[0, 8]), "search_space.trainer.lora.r"),
-    (lambda c: c["evaluator"]["tasks"][0].update(source="missing"), "evaluator.tasks.0.source"),
+    (lambda c: c["evaluator"]["suites"]["open"]["tasks"][0].update(source="missing"),
+     "evaluator.suites.open.tasks.0.source"),
 ])
 def test_invalid_config_names_file_and_key(tmp_path, mutate, key):
     path = write_config(tmp_path, mutate)

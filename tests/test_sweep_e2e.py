@@ -14,6 +14,9 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
+ALL_TASKS = {"demo_digits", "micro_mc", "micro_gen", "micro_sum", "micro_ethics", "micro_math"}
+
+
 def status(cli, storage, study="e2e") -> dict:
     return json.loads(cli("status", "--storage", storage, "--study", study, "--format", "json"))
 
@@ -31,13 +34,19 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     for t in trials:
         assert isinstance(t["value"], float) and 0.0 <= t["value"] <= 1.0
-        assert set(t["scores"]) == {"demo_digits"} and t["scores"]["demo_digits"] == t["value"]
+        assert set(t["scores"]) == ALL_TASKS and all(0.0 <= v <= 1.0 for v in t["scores"].values())
+        assert t["value"] == t["open_value"] == t["values"]["open"] and 0.0 < t["heldout_value"] <= 1.0
         assert t["train_steps"] == 60 and t["tokens_per_second"] > 0
         assert t["peak_memory_gib"] is None
         assert set(t["params"]) == {"trainer.learning_rate", "trainer.lora.r", "trainer.lora.alpha",
                                     "trainer.lora.dropout"}
     assert trials[0]["params"] != trials[1]["params"]
-    assert first["baseline"] is not None and set(first["baseline"]["scores"]) == {"demo_digits"}
+    assert first["baseline"] is not None and set(first["baseline"]["scores"]) == ALL_TASKS
+    assert set(first["baseline"]["values"]) == {"open", "heldout"}
+    assert first["optimize"] == "open" and first["pick_by"] == "heldout" and first["top_k"] == 3
+    # Two trials, both in the top 3 on open: the pick is the one better on heldout.
+    assert first["pick"]["number"] == max(trials, key=lambda t: (t["heldout_value"], t["open_value"]))["number"]
+    assert first["rank_correlation"] is None  # fewer than 3 trials
     best = first["best"]
     assert best["value"] == max(t["value"] for t in trials)
     assert (workdir / "runs" / "e2e" / "trials").is_dir()
@@ -91,7 +100,11 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
         assert "no_such_module" in t["fail_reason"]
     assert after["best"] == first["best"] and after["baseline"] == first["baseline"]
     table = cli("status", "--storage", storage)
-    assert "FAIL" in table and "COMPLETE" in table
+    assert "FAIL" in table and "COMPLETE" in table and "Pick (best on heldout among the top 3 on open)" in table
+    picked = workdir / "picked"
+    cli("export", "--storage", storage, "--study", "e2e", "--pick", "--out", str(picked))
+    exported = json.loads((picked / "scores.json").read_text())
+    assert exported["trial"] == after["pick"]["number"] and set(exported["values"]) == {"open", "heldout"}
 
     # A trial whose full run would not fit the time limit is COMPLETE but infeasible: an Optuna
     # constraint the sampler learns from, and never the best.
