@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, help="export this trial number")
     export.add_argument("--out", required=True, help="destination directory")
 
+    contamination = sub.add_parser(
+        "contamination", help="13-gram overlap between each training source and each evaluation task"
+    )
+    contamination.add_argument("--config", help="config file (default: the demo)")
+    contamination.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    contamination.add_argument("--format", choices=["table", "json"], default="table")
+
     dashboard = sub.add_parser("dashboard", help="serve the Optuna dashboard for the study database")
     dashboard.add_argument("--storage", default=DEFAULT_STORAGE)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -71,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     commands = {
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
-        "dashboard": cmd_dashboard, "validate": cmd_validate,
+        "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
     }
     try:
         return commands[args.command](args)
@@ -136,6 +143,27 @@ def cmd_export(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
+    return 0
+
+
+def cmd_contamination(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from sweep.config import ConfigError, load_config
+    from sweep.contamination import format_report, overlap_report
+    from sweep.scheduler import prepare_tasks
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="sweep-contamination-") as work:
+        rows, _ = overlap_report(config, prepare_tasks(config, Path(work)))
+    if args.format == "json":
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+    else:
+        print(format_report(rows))
     return 0
 
 

@@ -9,6 +9,7 @@ process writes the database.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -56,6 +57,8 @@ class _Run:
     cpus_per_trial: int
     device: str
     profile: GpuProfile
+    exclude_ngrams_file: Optional[str] = None
+    """Evaluation n-grams that training examples must not share (data.drop_contaminated)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def run_sweep(
         device="cuda" if profile.uses_gpu else "cpu",
         profile=profile,
     )
+    run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
     if run.store.baseline(study_name) is None:
         try:
             _run_baseline(run)
@@ -149,6 +153,37 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
             write_micro_task(task.name, task.generator, task_dir, n=task.num_docs)
     task_dir.mkdir(parents=True, exist_ok=True)
     return task_dir
+
+
+def check_contamination(config: SweepConfig, task_dir: str, work_dir: Path) -> Optional[str]:
+    """The contamination step of a sweep start: logs the overlaps and writes them to contamination.json.
+
+    Returns the file of evaluation n-grams the workers drop examples by
+    (with `data.drop_contaminated`), else None. A check that cannot run (an
+    evaluation dataset out of reach) is a warning unless dropping was asked for.
+    """
+    import json
+
+    from sweep.contamination import overlap_report, save_ngrams
+
+    try:
+        rows, grams = overlap_report(config, task_dir)
+    except Exception as e:  # noqa: BLE001 - the report must not stop a sweep that does not drop examples
+        if config.data.drop_contaminated:
+            raise SweepError(f"contamination check failed: {failure_reason(e)}") from None
+        log.warning("Contamination check skipped: %s", failure_reason(e))
+        return None
+    (work_dir / "contamination.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+    found = [r for r in rows if r.overlapping]
+    for r in found:
+        log.warning("Contamination: %d of %d examples of source %s share a 13-gram with task %s%s",
+                    r.overlapping, r.source_examples, r.source, r.task,
+                    " (dropped from training)" if config.data.drop_contaminated else "")
+    if not found:
+        log.info("Contamination check: no training example shares a 13-gram with an evaluation task")
+    if not config.data.drop_contaminated:
+        return None
+    return str(save_ngrams(grams, work_dir / "contamination" / "eval-ngrams.npy"))
 
 
 def _prompt_tokenizer(config: SweepConfig):
@@ -294,6 +329,7 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         num_threads=run.cpus_per_trial,
         device=run.device,
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
+        exclude_ngrams_file=run.exclude_ngrams_file,
         target_tflops=run.profile.bf16_tflops,
     )
 

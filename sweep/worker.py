@@ -49,6 +49,8 @@ class TrialSpec:
     """The GPU profile's memory cap, enforced on a bigger card; None: the card's own memory."""
     target_tflops: Optional[float] = None
     """Dense bf16 peak of the profile's card: the full-run projection is scaled to it."""
+    exclude_ngrams_file: Optional[str] = None
+    """Evaluation n-grams (a .npy of uint64) that training examples must not share; None: keep all."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,12 @@ def _run_trial(spec: TrialSpec) -> TrialResult:
 
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model)
-    data = prepare_data(tokenizer, spec.data)
+    exclude = None
+    if spec.exclude_ngrams_file:
+        from sweep.contamination import load_ngrams
+
+        exclude = load_ngrams(spec.exclude_ngrams_file)
+    data = prepare_data(tokenizer, spec.data, exclude=exclude)
     model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora)
     trained = train(model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib)
     use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes

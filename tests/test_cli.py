@@ -19,14 +19,15 @@ def run_cli(*args, cwd=None, timeout=120):
 def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("start", "status", "export", "dashboard", "validate"):
+    for command in ("start", "status", "export", "dashboard", "validate", "contamination"):
         assert command in result.stdout
 
 
 @pytest.mark.parametrize("command,flags", [
     ("start", ["--config", "--gpu", "--trials", "--study", "--storage", "--set", "--address"]),
     ("status", ["--study", "--storage", "--format"]),
-    ("export", ["--study", "--storage", "--best", "--trial", "--out"]),
+    ("export", ["--study", "--storage", "--pick", "--best", "--trial", "--out"]),
+    ("contamination", ["--config", "--set", "--format"]),
 ])
 def test_subcommand_help_names_the_contract_flags(command, flags):
     result = run_cli(command, "--help")

@@ -158,6 +158,11 @@ class DataConfig:
     overlong: Literal["skip", "truncate"] = doc(
         "What to do with an example longer than max_seq_length: skip it (counted) or cut it.", default="skip"
     )
+    drop_contaminated: bool = doc(
+        "Drop training examples that share a 13-gram with any evaluation task's documents (counted as "
+        "`contaminated`; `sweep contamination` shows the overlaps).",
+        default=False,
+    )
 
     def validate(self) -> None:
         if not self.sources:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -131,6 +132,25 @@ def heldout_docs(source: SourceConfig) -> list[ChoiceDoc]:
         raise ValueError(f"source {source.name!r} ({source.kind}) has no held-out split")
     _, heldout = digit_task(source.seed, source.num_train, source.num_eval)
     return heldout
+
+
+NGRAM = 13
+"""Length of the word n-grams that decide contamination (as GPT-3's and HELM's checks)."""
+
+
+def ngrams(text: str, n: int = NGRAM) -> set[int]:
+    """64-bit hashes of the text's word n-grams (lowercased letters and digits; punctuation ignored)."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {
+        int.from_bytes(hashlib.blake2b(" ".join(words[i: i + n]).encode(), digest_size=8).digest(), "little")
+        for i in range(len(words) - n + 1)
+    }
+
+
+def example_text(example: Example) -> str:
+    """All the text of an example (earlier turns included), for overlap checks."""
+    turns = [part for pair in example.history for part in pair]
+    return "\n".join([*turns, example.instruction, example.input, example.response])
 
 
 def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int]]:
@@ -267,7 +287,9 @@ class PreparedData:
     stats: DataStats
 
 
-def prepare_data(tokenizer, config: DataConfig, cache_dir: str | Path | None = None) -> PreparedData:
+def prepare_data(
+    tokenizer, config: DataConfig, cache_dir: str | Path | None = None, exclude: frozenset[int] | None = None
+) -> PreparedData:
     """Reads every source, tokenizes it (cached by content hash) and draws the weighted mix.
 
     Args:
@@ -276,12 +298,14 @@ def prepare_data(tokenizer, config: DataConfig, cache_dir: str | Path | None = N
         cache_dir: where tokenized sources are cached; default
             `$SWEEP_CACHE_DIR/data` (~/.cache/sweep/data). Trials sharing a
             source, tokenizer and template reuse its entry.
+        exclude: n-gram hashes (`ngrams`) of evaluation documents; an example
+            sharing one is dropped and counted `contaminated`.
     """
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
     stats = DataStats(weights=config.weights())
     tokenized: dict[str, TokenizedSource] = {}
     for source in config.sources:
-        tokenized[source.name], hit = _tokenized_source(tokenizer, source, config, cache)
+        tokenized[source.name], hit = _tokenized_source(tokenizer, source, config, cache, exclude)
         stats.cache_hits += hit
         stats.rows_used[source.name] = len(tokenized[source.name])
         stats.skip_reasons[source.name] = dict(sorted(tokenized[source.name].skipped.items()))
@@ -327,12 +351,18 @@ def draw_mix(
     return picks
 
 
-def _tokenized_source(tokenizer, source: SourceConfig, config: DataConfig, cache: Path) -> tuple[TokenizedSource, int]:
+def _tokenized_source(
+    tokenizer, source: SourceConfig, config: DataConfig, cache: Path, exclude: frozenset[int] | None = None
+) -> tuple[TokenizedSource, int]:
     """The tokenized rows of a source, from the cache when its key matches; (rows, 1 if cached).
 
-    A hit reads no row of the source: the key needs only its fingerprint.
+    A hit reads no row of the source: the key needs only its fingerprint (and
+    a digest of the excluded n-grams).
     """
-    key = _cache_key(tokenizer, source, config, fingerprint(source))
+    content = fingerprint(source)
+    if exclude:
+        content += ":exclude:" + hashlib.sha256(np.sort(np.fromiter(exclude, dtype=np.uint64)).tobytes()).hexdigest()
+    key = _cache_key(tokenizer, source, config, content)
     path = cache / f"{source.name}-{key[:16]}.npz"
     if path.is_file():
         try:
@@ -343,6 +373,11 @@ def _tokenized_source(tokenizer, source: SourceConfig, config: DataConfig, cache
         except (OSError, ValueError, KeyError):
             pass  # a broken entry is rebuilt
     examples, skipped = read_examples(source)
+    if exclude:
+        kept = [ex for ex in examples if not ngrams(example_text(ex)) & exclude]
+        if len(kept) < len(examples):
+            skipped = {**skipped, "contaminated": len(examples) - len(kept)}
+        examples = kept
     result = tokenize_examples(tokenizer, examples, config.template, config.max_seq_length, config.overlong)
     result = dataclasses.replace(result, skipped=dict(Counter(skipped) + Counter(result.skipped)))
     cache.mkdir(parents=True, exist_ok=True)
