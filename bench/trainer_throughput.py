@@ -55,7 +55,7 @@ SHAPES = {
         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=10000.0,
     ),
     "tiny": dict(
-        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
     ),
 }

@@ -1,0 +1,171 @@
+"""Evaluation cost per trial: the default suites' scoring as a share of a trial's time, on a GPU.
+
+The real suites (configs/suites/open.yaml and heldout.yaml) need datasets
+from the hub, which this machine may not reach. So each task is stood in for by
+a local lm-eval task of the same shape: the same output type, the same number
+of documents (the suites' `limit`s), the same number of choices, and prompts
+and answers of about the same length in tokens. The lengths are estimates for
+a Llama-2/Mistral tokenizer, listed in `SHAPES`. The model is a Mistral-7B
+shape with random weights, in 4-bit NF4 with a LoRA r=64 adapter, scored
+through `evaluator.harness.evaluate` as a trial does. Random weights never
+stop early, so every generation runs to `max_new_tokens`: the worst case.
+
+The trial's training time is the proxy run of configs/mistral-7b-a100.yaml
+(`max_steps` x `pack_length` tokens) at the tokens/s measured by
+bench/trainer_throughput.py on the same card (its JSON).
+
+    python bench/eval_throughput.py --train-json bench/results/trainer_throughput-h100.json \\
+        --out bench/results/eval_throughput-h100.json
+    python bench/eval_throughput.py --shape tiny --device cpu --scale 0.02 --out /tmp/e.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# name: (suite, output type, documents, choices, prompt tokens, answer tokens)
+SHAPES = {
+    "mmlu": ("open", "multiple_choice", 57 * 20, 4, 120, 4),
+    "truthfulqa_mc1": ("open", "multiple_choice", 400, 6, 280, 12),
+    "bbq": ("open", "multiple_choice", 500, 3, 100, 4),
+    "gsm8k": ("open", "generate_until", 200, 0, 800, 0),
+    "cnn_dailymail_abisee": ("open", "generate_until", 100, 0, 900, 0),
+    "bigbench_anachronisms": ("open", "multiple_choice", 200, 2, 40, 2),
+    "bigbench_analogical_similarity": ("open", "multiple_choice", 200, 7, 150, 6),
+    "ethics_x5": ("heldout", "multiple_choice", 5 * 300, 2, 60, 2),
+    "hendrycks_math": ("heldout", "generate_until", 7 * 30, 0, 120, 0),
+}
+WORDS = ("the quick brown fox jumps over lazy dog river stone market school report budget city "
+         "people answer question number value because after before during while simple example").split()
+
+
+def _text(rng: random.Random, tokens: int, tokens_per_word: float) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(max(1, round(tokens / tokens_per_word))))
+
+
+def write_tasks(task_dir: Path, tokenizer, scale: float, max_new_tokens: int) -> dict[str, int]:
+    """Writes one local lm-eval task per shape; returns the documents of each."""
+    import yaml
+
+    sample = " ".join(WORDS)
+    tokens_per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / len(WORDS)
+    rng = random.Random(0)
+    counts = {}
+    (task_dir / "data").mkdir(parents=True, exist_ok=True)
+    for name, (_, kind, docs, choices, prompt, answer) in SHAPES.items():
+        n = max(1, round(docs * scale))
+        counts[name] = n
+        rows = []
+        for _ in range(n):
+            row = {"prompt": _text(rng, prompt, tokens_per_word)}
+            if kind == "multiple_choice":
+                row["choices"] = [" " + _text(rng, answer, tokens_per_word) for _ in range(choices)]
+                row["answer"] = rng.randrange(choices)
+            else:
+                row["target"] = "42"
+            rows.append(row)
+        data = (task_dir / "data" / f"{name}.jsonl").resolve()
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = {
+            "task": f"bench_{name}", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+            "output_type": kind, "doc_to_text": "{{prompt}}", "metadata": {"version": 1.0},
+        }
+        if kind == "multiple_choice":
+            spec.update({"doc_to_choice": "{{choices}}", "doc_to_target": "answer", "target_delimiter": "",
+                         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]})
+        else:
+            # No stop sequence a random model could hit: generation runs to max_new_tokens (the worst case).
+            spec.update({"doc_to_target": "target", "generation_kwargs": {
+                "until": ["<never>"], "do_sample": False, "max_gen_toks": max_new_tokens},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]})
+        (task_dir / f"bench_{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return counts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="mistral-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the config's generation.max_new_tokens")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of each task's documents (smoke tests)")
+    parser.add_argument("--train-json", help="bench/trainer_throughput.py result of the same card")
+    parser.add_argument("--train-steps", type=int, default=200, help="the trial's max_steps")
+    parser.add_argument("--pack-length", type=int, default=8192)
+    # Generation first: it dominates, and a run cut short still measures it.
+    parser.add_argument("--tasks", default="gsm8k,cnn_dailymail_abisee,hendrycks_math,ethics_x5,mmlu,truthfulqa_mc1,"
+                                           "bbq,bigbench_anachronisms,bigbench_analogical_similarity")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sweep-bench"))
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    import torch
+    from trainer_throughput import build_base
+
+    from evaluator.config import GenerationConfig, TaskConfig
+    from evaluator.harness import evaluate
+    from trainer.config import LoraConfig
+    from trainer.demo_base import build_tokenizer
+    from trainer.model import attach_lora
+
+    tokenizer = build_tokenizer()
+    base, load_seconds = build_base(args.shape, args.device, "sdpa", Path(args.cache))
+    model = attach_lora(base, LoraConfig(r=64, alpha=16, dropout=0.05))
+    task_dir = Path(tempfile.mkdtemp(prefix="sweep-eval-bench-"))
+    counts = write_tasks(task_dir, tokenizer, args.scale, args.max_new_tokens)
+    train_tps = None
+    if args.train_json:
+        train = json.loads(Path(args.train_json).read_text())
+        train_tps = max(r["tokens_per_second"] for r in train["runs"]
+                        if r["kind"] == "ours" and r["settings"].get("pack_length") == args.pack_length
+                        and r.get("profile") == "a100" and r["tokens_per_second"])
+    result = {
+        "benchmark": "eval_throughput",
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "shape": args.shape, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "scale": args.scale, "base_load_seconds": load_seconds, "tasks": {},
+    }
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    for name in [t for t in args.tasks.split(",") if t]:
+        suite, kind, *_ = SHAPES[name]
+        metric = "acc" if kind == "multiple_choice" else "exact_match"
+        start = time.perf_counter()
+        task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"))
+        evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation)
+        seconds = time.perf_counter() - start
+        result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name], "seconds": seconds}
+        print(json.dumps({name: result["tasks"][name]}), flush=True)
+        save()
+    eval_seconds = sum(t["seconds"] for t in result["tasks"].values())
+    result["eval_seconds"] = eval_seconds
+    if train_tps:
+        train_seconds = args.train_steps * args.pack_length / train_tps
+        result.update({
+            "train_tokens_per_second": train_tps, "train_steps": args.train_steps, "pack_length": args.pack_length,
+            "train_seconds": train_seconds, "eval_share": eval_seconds / (eval_seconds + train_seconds),
+            "train_steps_for_15_percent": math.ceil(eval_seconds * 85 / 15 * train_tps / args.pack_length),
+        })
+    save()
+    print(json.dumps({k: v for k, v in result.items() if k != "tasks"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
