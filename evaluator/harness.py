@@ -79,6 +79,12 @@ def evaluate(
     # through the base layers. Trials therefore train before they evaluate; a
     # base kept across trials must restore the training layout first.
     model.eval()
+    # Training loads the model with use_cache=False; generation without the KV cache recomputes the
+    # whole sequence at every new token. Scoring turns it on and restores it afterwards.
+    configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c]
+    saved_cache = [getattr(c, "use_cache", None) for c in configs]
+    for c in configs:
+        c.use_cache = True
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # The default task index costs seconds to build: only load it for hub tasks.
     manager = TaskManager(
@@ -102,6 +108,8 @@ def evaluate(
         )
         for t in group:
             scores[t.name] = _metric(results["results"], t)
+    for c, value in zip(configs, saved_cache, strict=True):
+        c.use_cache = value
     if was_training:
         model.train()
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start)
