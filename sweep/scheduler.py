@@ -102,7 +102,9 @@ def run_sweep(
         profile=profile,
     )
     run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
-    if run.store.baseline(study_name) is None:
+    baseline = run.store.baseline(study_name)
+    missing = {t.name for t in config.evaluator.all_tasks()} - set(baseline["scores"] if baseline else ())
+    if missing:  # first start, or the config gained tasks since the baseline was scored
         try:
             _run_baseline(run)
         except SweepError as e:
