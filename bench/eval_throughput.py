@@ -45,6 +45,8 @@ SHAPES = {
     "ethics_x5": ("heldout", "multiple_choice", 5 * 300, 2, 60, 2),
     "hendrycks_math": ("heldout", "generate_until", 7 * 30, 0, 120, 0),
 }
+# Generation lengths the suites set per task (configs/suites/open.yaml); others use --max-new-tokens.
+MAX_NEW_TOKENS = {"gsm8k": 192, "cnn_dailymail_abisee": 128}
 WORDS = ("the quick brown fox jumps over lazy dog river stone market school report budget city "
          "people answer question number value because after before during while simple example").split()
 
@@ -87,7 +89,7 @@ def write_tasks(task_dir: Path, tokenizer, scale: float, max_new_tokens: int) ->
         else:
             # No stop sequence a random model could hit: generation runs to max_new_tokens (the worst case).
             spec.update({"doc_to_target": "target", "generation_kwargs": {
-                "until": ["<never>"], "do_sample": False, "max_gen_toks": max_new_tokens},
+                "until": ["<never>"], "do_sample": False, "max_gen_toks": MAX_NEW_TOKENS.get(name, max_new_tokens)},
                 "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]})
         (task_dir / f"bench_{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return counts
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
         suite, kind, *_ = SHAPES[name]
         metric = "acc" if kind == "multiple_choice" else "exact_match"
         start = time.perf_counter()
-        task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"))
+        task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"),
+                          max_new_tokens=MAX_NEW_TOKENS.get(name))
         evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation)
         seconds = time.perf_counter() - start
         result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name], "seconds": seconds}

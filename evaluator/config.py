@@ -34,6 +34,11 @@ class TaskConfig:
     )
     num_docs: int = doc("For a generator task: documents generated.", default=100)
     num_fewshot: int = doc("Few-shot examples per prompt.", default=0)
+    max_new_tokens: Optional[int] = doc(
+        "For a generation task: most tokens generated, overriding evaluator.generation.max_new_tokens "
+        "(fit it to the task's answers: generation dominates scoring time).",
+        default=None,
+    )
     limit: Optional[int] = doc("Score only the first N documents (None: all).", default=None)
     weight: float = doc("Weight of this task in its suite's aggregate.", default=1.0)
     chance: float = doc(
@@ -60,6 +65,8 @@ class TaskConfig:
                 raise ValueError(f"num_docs: must be >= 1, got {self.num_docs}")
         if self.num_fewshot < 0:
             raise ValueError(f"num_fewshot: must be >= 0, got {self.num_fewshot}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if not self.weight > 0:

@@ -92,10 +92,15 @@ def evaluate(
         include_defaults=any(not t.is_local for t in tasks),
     )
     scores: dict[str, float] = {}
-    # simple_evaluate takes one few-shot count and one limit per call.
-    key = lambda t: (t.num_fewshot, t.limit or 0)  # noqa: E731
-    for (num_fewshot, limit), group in groupby(sorted(tasks, key=key), key=key):
+    # simple_evaluate takes one few-shot count, one limit and one set of generation settings per call.
+    def key(t: TaskConfig):
+        return t.num_fewshot, t.limit or 0, t.max_new_tokens or 0
+
+    for (num_fewshot, limit, max_new_tokens), group in groupby(sorted(tasks, key=key), key=key):
         group = list(group)
+        settings = generation or GenerationConfig()
+        if max_new_tokens:
+            settings = GenerationConfig(max_new_tokens=max_new_tokens, until=settings.until)
         results = simple_evaluate(
             model=lm,
             tasks=[t.name for t in group],
@@ -104,7 +109,7 @@ def evaluate(
             task_manager=manager,
             log_samples=False,
             bootstrap_iters=0,
-            gen_kwargs=_gen_kwargs(generation),
+            gen_kwargs=_gen_kwargs(settings) if generation or max_new_tokens else None,
         )
         for t in group:
             scores[t.name] = _metric(results["results"], t)
