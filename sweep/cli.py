@@ -150,14 +150,10 @@ def cmd_contamination(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from sweep.config import ConfigError, load_config
     from sweep.contamination import format_report, overlap_report
     from sweep.scheduler import prepare_tasks
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise CliError(str(e)) from None
+    config = _config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="sweep-contamination-") as work:
         rows, _ = overlap_report(config, prepare_tasks(config, Path(work)))
     if args.format == "json":
@@ -183,13 +179,18 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-def cmd_validate(args) -> int:
+def _config(path, overrides):
+    """The loaded config; an invalid one is a one-line CLI error."""
     from sweep.config import ConfigError, load_config
 
     try:
-        config = load_config(args.file, args.overrides)
+        return load_config(path, overrides)
     except ConfigError as e:
         raise CliError(str(e)) from None
+
+
+def cmd_validate(args) -> int:
+    config = _config(args.file, args.overrides)
     print(f"{args.file}: valid (study {config.study.name!r}, model {config.model.name_or_path}, "
           f"{len(config.search_space)} searched parameter(s), {len(config.evaluator.all_tasks())} task(s) "
           f"in suite(s) {', '.join(config.evaluator.suite_tasks())})")
