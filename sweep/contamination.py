@@ -85,6 +85,36 @@ def overlap_report(config: SweepConfig, task_dir: str | Path) -> tuple[list[Over
     return rows, frozenset().union(*task_ngrams.values())
 
 
+def cached_overlap_report(config: SweepConfig, task_dir: str | Path, cache_dir: str | Path):
+    """`overlap_report`, reused from `cache_dir` while the sources' content and the tasks are unchanged.
+
+    Hashing every 13-gram of large sources takes minutes: a resumed sweep
+    must not pay it again. Returns (rows, path of the saved evaluation n-grams).
+    """
+    import hashlib
+    import json
+
+    from sweep.config import to_dict
+    from trainer.data import fingerprint
+
+    key = hashlib.sha256(json.dumps({
+        "version": 1,
+        "sources": [fingerprint(s) for s in config.data.sources],
+        "tasks": [to_dict(t) for t in config.evaluator.all_tasks()],
+        "task_files": sorted(p.name for p in Path(task_dir).glob("*.yaml")),
+        "data_files": [hashlib.sha256(Path(t.data_file).read_bytes()).hexdigest()
+                       for t in config.evaluator.all_tasks() if t.data_file],
+    }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache = Path(cache_dir)
+    report, grams_file = cache / f"report-{key}.json", cache / f"eval-ngrams-{key}.npy"
+    if report.is_file() and grams_file.is_file():
+        return [Overlap(**row) for row in json.loads(report.read_text())], grams_file
+    rows, grams = overlap_report(config, task_dir)
+    save_ngrams(grams, grams_file)
+    report.write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+    return rows, grams_file
+
+
 def save_ngrams(grams: frozenset[int], path: str | Path) -> Path:
     """Writes n-gram hashes for the workers (a sorted uint64 array)."""
     path = Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -164,12 +165,10 @@ def check_contamination(config: SweepConfig, task_dir: str, work_dir: Path) -> O
     (with `data.drop_contaminated`), else None. A check that cannot run (an
     evaluation dataset out of reach) is a warning unless dropping was asked for.
     """
-    import json
-
-    from sweep.contamination import overlap_report, save_ngrams
+    from sweep.contamination import cached_overlap_report
 
     try:
-        rows, grams = overlap_report(config, task_dir)
+        rows, grams_file = cached_overlap_report(config, task_dir, work_dir / "contamination")
     except Exception as e:  # noqa: BLE001 - the report must not stop a sweep that does not drop examples
         if config.data.drop_contaminated:
             raise SweepError(f"contamination check failed: {failure_reason(e)}") from None
@@ -183,9 +182,7 @@ def check_contamination(config: SweepConfig, task_dir: str, work_dir: Path) -> O
                     " (dropped from training)" if config.data.drop_contaminated else "")
     if not found:
         log.info("Contamination check: no training example shares a 13-gram with an evaluation task")
-    if not config.data.drop_contaminated:
-        return None
-    return str(save_ngrams(grams, work_dir / "contamination" / "eval-ngrams.npy"))
+    return str(grams_file) if config.data.drop_contaminated else None
 
 
 def _prompt_tokenizer(config: SweepConfig):
