@@ -78,10 +78,12 @@ def overlap_report(config: SweepConfig, task_dir: str | Path) -> tuple[list[Over
     rows = []
     for source in config.data.sources:
         examples, _ = read_examples(source)
-        example_ngrams = [ngrams(example_text(ex)) for ex in examples]
-        for name, grams in task_ngrams.items():
-            overlapping = sum(1 for g in example_ngrams if g & grams)
-            rows.append(Overlap(source.name, name, overlapping, len(examples), len(documents[name])))
+        counts = dict.fromkeys(task_ngrams, 0)
+        for ex in examples:  # one example's n-grams at a time: a large source never sits in memory as n-grams
+            grams = ngrams(example_text(ex))
+            for name, task_grams in task_ngrams.items():
+                counts[name] += not grams.isdisjoint(task_grams)
+        rows.extend(Overlap(source.name, name, n, len(examples), len(documents[name])) for name, n in counts.items())
     return rows, frozenset().union(*task_ngrams.values())
 
 
