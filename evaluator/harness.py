@@ -69,7 +69,6 @@ def evaluate(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     start = time.perf_counter()
     was_training = model.training
@@ -86,11 +85,7 @@ def evaluate(
     for c in configs:
         c.use_cache = True
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # The default task index costs seconds to build: only load it for hub tasks.
-    manager = TaskManager(
-        include_path=str(task_dir) if task_dir else None,
-        include_defaults=any(not t.is_local for t in tasks),
-    )
+    manager = task_manager(tasks, task_dir)
     scores: dict[str, float] = {}
     # simple_evaluate takes one few-shot count, one limit and one set of generation settings per call.
     def key(t: TaskConfig):
@@ -118,6 +113,20 @@ def evaluate(
     if was_training:
         model.train()
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start)
+
+
+def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):
+    """lm-eval's task index: the local tasks, the evaluator's shipped ones, and lm-eval's own for hub names."""
+    from lm_eval.tasks import TaskManager
+
+    from evaluator.micro import SHIPPED_TASKS
+
+    paths = [str(p) for p in (task_dir, SHIPPED_TASKS) if p]
+    shipped = {p.stem for p in SHIPPED_TASKS.glob("*.yaml")}
+    # The default index costs seconds to build: only load it when a task needs it.
+    return TaskManager(
+        include_path=paths, include_defaults=any(not t.is_local and t.name not in shipped for t in tasks)
+    )
 
 
 def _gen_kwargs(generation: GenerationConfig | None) -> dict | None:

@@ -25,6 +25,9 @@ import random
 import shutil
 from pathlib import Path
 
+SHIPPED_TASKS = Path(__file__).with_name("tasks")
+"""lm-eval task files shipped with the evaluator (hub datasets scored our way)."""
+
 MICRO_TASKS = ("micro_mc", "micro_gen", "micro_sum", "micro_ethics", "micro_math")
 """Names of the generated tasks (a `TaskConfig.generator`)."""
 
@@ -134,7 +137,7 @@ doc_to_text: "Article: {{article}}\\nSummary:"
 doc_to_target: highlights
 target_delimiter: " "
 generation_kwargs: {until: ["\\n"], do_sample: false, max_gen_toks: 64}
-process_results: !function micro_utils.process_rouge
+process_results: !function rouge_utils.process_rouge
 metric_list:
   - {metric: rouge2, aggregation: mean, higher_is_better: true}
 """,
@@ -181,5 +184,5 @@ def write_micro_task(name: str, generator: str, task_dir: str | Path, n: int = 1
     path = task_dir / f"{name}.yaml"
     path.write_text(header + _TEMPLATES[generator] + "metadata: {version: 1.0}\n")
     if generator == "micro_sum":
-        shutil.copy(Path(__file__).with_name("micro_utils.py"), task_dir / "micro_utils.py")
+        shutil.copy(SHIPPED_TASKS / "rouge_utils.py", task_dir / "rouge_utils.py")
     return path

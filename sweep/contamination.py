@@ -38,7 +38,9 @@ class Overlap:
 
 def task_documents(tasks: list[TaskConfig], task_dir: str | Path) -> dict[str, list[str]]:
     """The text (prompt and target) of every evaluation document of each task, through lm-eval."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
+
+    from evaluator.harness import task_manager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
@@ -47,7 +49,7 @@ def task_documents(tasks: list[TaskConfig], task_dir: str | Path) -> dict[str, l
         datasets.disable_progress_bars()
     except ImportError:
         pass
-    manager = TaskManager(include_path=str(task_dir), include_defaults=any(not t.is_local for t in tasks))
+    manager = task_manager(tasks, task_dir)
     docs: dict[str, list[str]] = {}
     for task in tasks:
         texts: list[str] = []

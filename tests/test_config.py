@@ -35,7 +35,7 @@ def test_every_shipped_config_validates(path):
 def test_suite_files_are_read_by_name_or_path(tmp_path):
     config = load_config(ROOT / "configs" / "mistral-7b-a100.yaml")
     suites = config.evaluator.suite_tasks()
-    assert {"mmlu", "truthfulqa_mc1", "bbq", "gsm8k", "cnn_dailymail_abisee"} <= {t.name for t in suites["open"]}
+    assert {"mmlu", "truthfulqa_mc1", "bbq", "gsm8k", "sweep_cnn_dailymail"} <= {t.name for t in suites["open"]}
     assert {"ethics_justice", "ethics_cm", "ethics_virtue", "ethics_deontology", "ethics_utilitarianism",
             "hendrycks_math"} <= {t.name for t in suites["heldout"]}
     assert config.evaluator.pick_by == "heldout" and config.evaluator.objective_suite == "open"

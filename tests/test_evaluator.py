@@ -90,3 +90,15 @@ def test_suite_values_follow_the_config():
     with pytest.raises(ValueError, match="unique"):
         EvalConfig(suites={"x": SuiteConfig(tasks=[TaskConfig(name="a")]),
                            "y": SuiteConfig(tasks=[TaskConfig(name="a")])}).validate()
+
+
+def test_shipped_tasks_are_indexed_next_to_local_ones(tmp_path):
+    from evaluator.harness import task_manager
+
+    manager = task_manager([TaskConfig(name="sweep_cnn_dailymail", metric="rouge2")], tmp_path)
+    assert "sweep_cnn_dailymail" in manager.all_tasks
+    from evaluator.tasks.rouge_utils import process_rouge
+
+    doc = {"highlights": "the red fox ran over the hill"}
+    assert process_rouge(doc, ["the red fox ran over the hill"])["rouge2"] == pytest.approx(1.0)
+    assert process_rouge(doc, ["a blue bird"])["rouge2"] == 0.0

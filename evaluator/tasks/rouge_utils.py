@@ -1,7 +1,8 @@
-"""`process_results` of the micro summarisation task: ROUGE-2 F1 with `rouge_score`.
+"""`process_results` of summarisation tasks: ROUGE-2 F1 with `rouge_score` (lm-eval has no ROUGE metric).
 
-Copied beside the task's YAML at run time (lm-eval loads `!function` helpers
-from the task's directory); it must import nothing from this project.
+Used by `sweep_cnn_dailymail` beside it and copied beside the micro
+summarisation task at run time (lm-eval loads `!function` helpers from the
+task's own directory), so it imports nothing from this project.
 """
 
 from __future__ import annotations
