@@ -304,8 +304,9 @@ def prepare_data(
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
     stats = DataStats(weights=config.weights())
     tokenized: dict[str, TokenizedSource] = {}
+    shared_key = _shared_key(tokenizer, config, exclude)  # once: hashing a large vocabulary takes time
     for source in config.sources:
-        tokenized[source.name], hit = _tokenized_source(tokenizer, source, config, cache, exclude)
+        tokenized[source.name], hit = _tokenized_source(tokenizer, source, config, cache, shared_key, exclude)
         stats.cache_hits += hit
         stats.rows_used[source.name] = len(tokenized[source.name])
         stats.skip_reasons[source.name] = dict(sorted(tokenized[source.name].skipped.items()))
@@ -352,17 +353,16 @@ def draw_mix(
 
 
 def _tokenized_source(
-    tokenizer, source: SourceConfig, config: DataConfig, cache: Path, exclude: frozenset[int] | None = None
+    tokenizer, source: SourceConfig, config: DataConfig, cache: Path, shared_key: str,
+    exclude: frozenset[int] | None = None,
 ) -> tuple[TokenizedSource, int]:
     """The tokenized rows of a source, from the cache when its key matches; (rows, 1 if cached).
 
-    A hit reads no row of the source: the key needs only its fingerprint (and
-    a digest of the excluded n-grams).
+    A hit reads no row of the source: the key needs only its fingerprint and
+    what all sources share (`_shared_key`).
     """
-    content = fingerprint(source)
-    if exclude:
-        content += ":exclude:" + hashlib.sha256(np.sort(np.fromiter(exclude, dtype=np.uint64)).tobytes()).hexdigest()
-    key = _cache_key(tokenizer, source, config, content)
+    key = _digest({"shared": shared_key, "source": fingerprint(source), "format": source.row_format,
+                   "fields": source.fields})
     path = cache / f"{source.name}-{key[:16]}.npz"
     if path.is_file():
         try:
@@ -391,15 +391,21 @@ def _tokenized_source(
     return result, 0
 
 
-def _cache_key(tokenizer, source: SourceConfig, config: DataConfig, content: str) -> str:
+def _shared_key(tokenizer, config: DataConfig, exclude: frozenset[int] | None) -> str:
+    """What every source's cache key depends on: the tokenizer, the template, the limits, the excluded n-grams."""
     vocab = tokenizer.get_vocab()
-    tokenizer_id = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
-    parts = {
-        "version": _CACHE_VERSION, "source": content, "format": source.row_format, "fields": source.fields,
-        "tokenizer": tokenizer_id, "tokenizer_class": type(tokenizer).__name__,
+    excluded = np.sort(np.fromiter(exclude, dtype=np.uint64)).tobytes() if exclude else b""
+    return _digest({
+        "version": _CACHE_VERSION,
+        "tokenizer": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+        "tokenizer_class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None), "eos": tokenizer.eos_token_id,
         "template": config.template, "max_seq_length": config.max_seq_length, "overlong": config.overlong,
-    }
+        "exclude": hashlib.sha256(excluded).hexdigest(),
+    })
+
+
+def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
