@@ -22,7 +22,9 @@ bench/trainer_throughput.py on the same card (its JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import random
 import sys
@@ -34,15 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # name: (suite, output type, documents, choices, prompt tokens, answer tokens)
+# One answer token: the choices are single letters or words (mmlu's "A".."D", ethics' "no"/"yes"), which
+# lm-eval scores with one forward pass per document; longer answers cost one pass per choice.
 SHAPES = {
-    "mmlu": ("open", "multiple_choice", 57 * 20, 4, 120, 4),
+    "mmlu": ("open", "multiple_choice", 57 * 20, 4, 120, 1),
     "truthfulqa_mc1": ("open", "multiple_choice", 400, 6, 280, 12),
     "bbq": ("open", "multiple_choice", 500, 3, 100, 4),
     "gsm8k": ("open", "generate_until", 200, 0, 800, 0),
     "cnn_dailymail_abisee": ("open", "generate_until", 100, 0, 900, 0),
     "bigbench_anachronisms": ("open", "multiple_choice", 200, 2, 40, 2),
     "bigbench_analogical_similarity": ("open", "multiple_choice", 200, 7, 150, 6),
-    "ethics_x5": ("heldout", "multiple_choice", 5 * 300, 2, 60, 2),
+    "ethics_x5": ("heldout", "multiple_choice", 5 * 300, 2, 60, 1),
     "hendrycks_math": ("heldout", "generate_until", 7 * 30, 0, 120, 0),
 }
 # Generation lengths the suites set per task (configs/suites/open.yaml); others use --max-new-tokens.
@@ -70,7 +74,10 @@ def write_tasks(task_dir: Path, tokenizer, scale: float, max_new_tokens: int) ->
         rows = []
         for _ in range(n):
             row = {"prompt": _text(rng, prompt, tokens_per_word)}
-            if kind == "multiple_choice":
+            if kind == "multiple_choice" and answer == 1:
+                row["choices"] = [" " + "ABCDEFG"[i] for i in range(choices)]
+                row["answer"] = rng.randrange(choices)
+            elif kind == "multiple_choice":
                 row["choices"] = [" " + _text(rng, answer, tokens_per_word) for _ in range(choices)]
                 row["answer"] = rng.randrange(choices)
             else:
@@ -95,35 +102,112 @@ def write_tasks(task_dir: Path, tokenizer, scale: float, max_new_tokens: int) ->
     return counts
 
 
+def probe(model, device: str, vocab: int) -> dict:
+    """Decode-step and log-likelihood speed of the 4-bit model, its dense copy, and the dense copy merged.
+
+    Times `generate` on random token ids (800-token prompts, the gsm8k shape)
+    for 1 and for 65 new tokens; the difference over 64 is one decode step.
+    Also a torch-profiler summary of decoding with the 4-bit model.
+    """
+    import contextlib
+
+    import torch
+
+    from evaluator.fast import dense_base
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        sync()
+        return time.perf_counter() - start
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    variants = {
+        "4bit": contextlib.nullcontext, "dense": lambda: dense_base(model, merge=False),
+        "dense_merged": lambda: dense_base(model, merge=True),
+    }
+    for name, context in variants.items():
+        with context():
+            row = {}
+            for batch in (32, 128):
+                ids = torch.randint(100, vocab, (batch, 800), generator=gen).to(device)
+
+                def generate(new, ids=ids):
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                   min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+
+                generate(2)  # warm-up
+                one, many = timed(lambda: generate(1)), timed(lambda: generate(65))
+                row[f"batch{batch}_prefill_seconds"] = one
+                row[f"batch{batch}_step_ms"] = (many - one) / 64 * 1000
+            ids = torch.randint(100, vocab, (32, 300), generator=gen).to(device)
+            seconds = min(timed(lambda: torch.log_softmax(model(input_ids=ids).logits.float(), -1)) for _ in range(3))
+            row["loglikelihood_tokens_per_second"] = ids.numel() / seconds
+            out[name] = row
+            print(json.dumps({name: row}), flush=True)
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        ids = torch.randint(100, vocab, (32, 800), generator=gen).to(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9,
+                           do_sample=False, use_cache=True, pad_token_id=0)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+        print(table, flush=True)
+        out["profile_4bit_top_by_gpu_time"] = table
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mistral-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="evaluator.batch_size (log-likelihood)")
+    parser.add_argument("--gen-batch-size", default="auto", help="evaluator.generation.batch_size")
+    parser.add_argument("--dequantize", default="auto", choices=("auto", "true", "false"),
+                        help="evaluator.dequantize")
+    parser.add_argument("--memory-cap-gib", type=float, default=39.35,
+                        help="the GPU profile's memory cap (default: a100's, the config's profile)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the config's generation.max_new_tokens")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each task's documents (smoke tests)")
     parser.add_argument("--train-json", help="bench/trainer_throughput.py result of the same card")
     parser.add_argument("--train-steps", type=int, default=200, help="the trial's max_steps")
     parser.add_argument("--pack-length", type=int, default=8192)
+    parser.add_argument("--probe", action="store_true", help="also time decode steps of each scoring variant")
     # Generation first: it dominates, and a run cut short still measures it.
     parser.add_argument("--tasks", default="gsm8k,cnn_dailymail_abisee,hendrycks_math,ethics_x5,mmlu,truthfulqa_mc1,"
                                            "bbq,bigbench_anachronisms,bigbench_analogical_similarity")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sweep-bench"))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     import torch
-    from trainer_throughput import build_base
+    from trainer_throughput import _set_cap, build_base
 
     from evaluator.config import GenerationConfig, TaskConfig
+    from evaluator.fast import dense_base, use_dense
     from evaluator.harness import evaluate
     from trainer.config import LoraConfig
     from trainer.demo_base import build_tokenizer
     from trainer.model import attach_lora
 
     tokenizer = build_tokenizer()
+    _set_cap(args.device, args.memory_cap_gib)
     base, load_seconds = build_base(args.shape, args.device, "sdpa", Path(args.cache))
     model = attach_lora(base, LoraConfig(r=64, alpha=16, dropout=0.05))
+    with torch.no_grad():  # a trained adapter's shape: B is zero only before training
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    model.eval()
     task_dir = Path(tempfile.mkdtemp(prefix="sweep-eval-bench-"))
     counts = write_tasks(task_dir, tokenizer, args.scale, args.max_new_tokens)
     train_tps = None
@@ -132,11 +216,14 @@ def main(argv=None) -> int:
         train_tps = max(r["tokens_per_second"] for r in train["runs"]
                         if r["kind"] == "ours" and r["settings"].get("pack_length") == args.pack_length
                         and r.get("profile") == "a100" and r["tokens_per_second"])
+    dequantize = {"true": True, "false": False}.get(args.dequantize, "auto")
+    gen_batch = args.gen_batch_size if args.gen_batch_size == "auto" else int(args.gen_batch_size)
     result = {
         "benchmark": "eval_throughput",
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "shape": args.shape, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "scale": args.scale, "base_load_seconds": load_seconds, "tasks": {},
+        "shape": args.shape, "batch_size": args.batch_size, "generation_batch_size": gen_batch,
+        "max_new_tokens": args.max_new_tokens, "memory_cap_gib": args.memory_cap_gib, "scale": args.scale,
+        "base_load_seconds": load_seconds, "tasks": {},
     }
 
     def save():
@@ -144,19 +231,32 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    if args.probe:
+        result["probe"] = probe(model, args.device, model.config.vocab_size)
+        save()
+    # A trial makes one dense copy for all its tasks; timing tasks one by one, the copy is made once here
+    # and its cost counted separately.
+    start = time.perf_counter()
+    dense = use_dense(model, dequantize, args.device, args.memory_cap_gib)
+    copy = dense_base(model) if dense else contextlib.nullcontext()
+    copy.__enter__()
+    result.update(dense=dense, dense_setup_seconds=time.perf_counter() - start)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=gen_batch)
     for name in [t for t in args.tasks.split(",") if t]:
         suite, kind, *_ = SHAPES[name]
         metric = "acc" if kind == "multiple_choice" else "exact_match"
-        start = time.perf_counter()
         task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"),
                           max_new_tokens=MAX_NEW_TOKENS.get(name))
-        evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation)
-        seconds = time.perf_counter() - start
-        result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name], "seconds": seconds}
+        evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation,
+                             dequantize=False, memory_budget_gib=args.memory_cap_gib)
+        result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
+                                 "seconds": evaluated.eval_seconds}
         print(json.dumps({name: result["tasks"][name]}), flush=True)
         save()
-    eval_seconds = sum(t["seconds"] for t in result["tasks"].values())
+    copy.__exit__(None, None, None)
+    if args.device == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    eval_seconds = result["dense_setup_seconds"] + sum(t["seconds"] for t in result["tasks"].values())
     result["eval_seconds"] = eval_seconds
     if train_tps:
         train_seconds = args.train_steps * args.pack_length / train_tps
@@ -166,7 +266,7 @@ def main(argv=None) -> int:
             "train_steps_for_15_percent": math.ceil(eval_seconds * 85 / 15 * train_tps / args.pack_length),
         })
     save()
-    print(json.dumps({k: v for k, v in result.items() if k != "tasks"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("tasks", "probe")}, indent=2))
     return 0
 
 

@@ -99,10 +99,18 @@ class GenerationConfig:
     until: list[str] = doc(
         "Stop sequences (generation ends at the first); empty: the tasks' own.", default_factory=list
     )
+    batch_size: int | Literal["auto"] = doc(
+        "Sequences decoded at once. `auto`: on a GPU, as many as the KV cache and the prefill fit in the "
+        "memory left under the cap (decoding is bound by per-step overhead, so bigger is faster); on CPU, "
+        "evaluator.batch_size.",
+        default="auto",
+    )
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size != "auto" and self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1 or auto, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,14 @@ class EvalConfig:
         "Normalised scores below this count as this in the geometric mean, so one zero does not erase a trial.",
         default=0.01,
     )
-    batch_size: int = doc("Requests per forward pass in lm-eval.", default=16)
+    batch_size: int = doc("Log-likelihood requests per forward pass in lm-eval.", default=16)
+    dequantize: bool | Literal["auto"] = doc(
+        "Score with a dense copy of the 4-bit base and the adapter merged in (the same weights bitsandbytes "
+        "dequantizes in every forward pass, computed once): several times faster decoding, for the base's "
+        "size in bf16 while scoring. `auto`: on a GPU, when that copy fits in half the memory free under the "
+        "cap.",
+        default="auto",
+    )
     generation: GenerationConfig = doc("Decoding of generation tasks.", default_factory=GenerationConfig)
 
     def validate(self) -> None:

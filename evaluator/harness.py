@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from itertools import groupby
@@ -10,6 +13,9 @@ from pathlib import Path
 import yaml
 
 from evaluator.config import GenerationConfig, TaskConfig
+from evaluator.fast import dense_base, free_bytes, generation_batch_size, use_dense
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,7 @@ class EvalResult:
 
     scores: dict[str, float]
     eval_seconds: float
+    dense: bool = False  # scored with the dense copy of the base (`evaluator.fast.dense_base`)
 
 
 def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) -> Path:
@@ -54,6 +61,8 @@ def evaluate(
     task_dir: str | Path | None,
     batch_size: int = 16,
     generation: GenerationConfig | None = None,
+    dequantize: bool | str = "auto",
+    memory_budget_gib: float | None = None,
 ) -> EvalResult:
     """Scores `model` on `tasks` with lm-eval and returns each task's metric.
 
@@ -65,11 +74,13 @@ def evaluate(
         task_dir: directory of local task YAML files, or None.
         batch_size: requests per forward pass.
         generation: greedy decoding settings of generation tasks (max new
-            tokens, stop sequences); None: each task's own.
+            tokens, stop sequences, batch size); None: each task's own.
+        dequantize: score with a dense copy of the 4-bit base and the adapter
+            merged in (`evaluator.fast.dense_base`): true, false, or `auto`
+            (on a GPU, when it fits in half the free memory).
+        memory_budget_gib: the memory cap (GiB) that sizes the dense copy and
+            generation batches; None: the whole card.
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     start = time.perf_counter()
     was_training = model.training
     # Caution for callers that train again afterwards: on CPUs with AVX512-BF16,
@@ -84,8 +95,22 @@ def evaluate(
     saved_cache = [getattr(c, "use_cache", None) for c in configs]
     for c in configs:
         c.use_cache = True
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = task_manager(tasks, task_dir)
+    dense = use_dense(model, dequantize, next(model.parameters()).device, memory_budget_gib)
+    try:
+        with dense_base(model) if dense else contextlib.nullcontext():
+            lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
+            scores = _score(lm, tasks, task_manager(tasks, task_dir), generation)
+    finally:
+        for c, value in zip(configs, saved_cache, strict=True):
+            c.use_cache = value
+        if was_training:
+            model.train()
+    return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense)
+
+
+def _score(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
+    from lm_eval import simple_evaluate
+
     scores: dict[str, float] = {}
     # simple_evaluate takes one few-shot count, one limit and one set of generation settings per call.
     def key(t: TaskConfig):
@@ -95,7 +120,7 @@ def evaluate(
         group = list(group)
         settings = generation or GenerationConfig()
         if max_new_tokens:
-            settings = GenerationConfig(max_new_tokens=max_new_tokens, until=settings.until)
+            settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
         results = simple_evaluate(
             model=lm,
             tasks=[t.name for t in group],
@@ -108,11 +133,41 @@ def evaluate(
         )
         for t in group:
             scores[t.name] = _metric(results["results"], t)
-    for c, value in zip(configs, saved_cache, strict=True):
-        c.use_cache = value
-    if was_training:
-        model.train()
-    return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start)
+    return scores
+
+
+def _language_model(model, tokenizer, batch_size: int, generation: GenerationConfig | None, budget_gib):
+    """lm-eval's HF wrapper around the loaded model, with generation batches of their own size.
+
+    Decoding is bound by per-step overhead, not arithmetic, so it wants far
+    larger batches than log-likelihood scoring (whose logits grow with
+    batch x length x vocabulary). `generation.batch_size: auto` fits as many
+    sequences as the KV cache and the prefill leave room for.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    planned = generation.batch_size if generation is not None else "auto"
+
+    class SweepLM(HFLM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if not requests:
+                return []
+            size = planned
+            if size == "auto":
+                contexts = max(len(self.tok_encode(r.args[0])) for r in requests)
+                new = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
+                free = free_bytes(self.device, budget_gib)
+                size = generation_batch_size(self.model.config, free, contexts, new, len(requests), batch_size)
+                log.info("decoding %d requests %d at a time (prompts up to %d tokens, up to %d new)",
+                         len(requests), size, contexts, new)
+            saved = self.batch_size_per_gpu
+            self.batch_size_per_gpu = size
+            try:
+                return super().generate_until(requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = saved
+
+    return SweepLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):

@@ -203,6 +203,7 @@ def _run_baseline(run: _Run) -> None:
     spec = BaselineSpec(
         model=config.model, eval=config.evaluator, task_dir=run.task_dir, num_threads=run.cpus_per_trial,
         log_file=str(run.work_dir / "baseline.log"), device=run.device,
+        memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
     )
     try:
         result = ray.get(run.baseline_task.remote(spec))

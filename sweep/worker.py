@@ -89,6 +89,7 @@ class BaselineSpec:
     num_threads: Optional[int] = None
     log_file: Optional[str] = None
     device: str = "cpu"
+    memory_cap_gib: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,6 @@ def _run_trial(spec: TrialSpec) -> TrialResult:
     card = _setup_gpu(spec.device, spec.memory_cap_gib)
     from transformers import set_seed
 
-    from evaluator.harness import evaluate
     from trainer.data import prepare_data
     from trainer.model import attach_lora, load_base_model, load_tokenizer, save_adapter, use_attention
     from trainer.train import train
@@ -125,9 +125,8 @@ def _run_trial(spec: TrialSpec) -> TrialResult:
     model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora)
     trained = train(model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib)
     use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes
-    evaluated = evaluate(
-        model, tokenizer, spec.eval.all_tasks(), spec.task_dir, spec.eval.batch_size, spec.eval.generation
-    )
+    _release_cached_memory(spec.device)  # the optimizer's and activations' blocks: room for the dense copy
+    evaluated = _score(model, tokenizer, spec.eval, spec.task_dir, spec.memory_cap_gib)
     save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
     card_tflops = card.bf16_tflops if card is not None else None
     # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
@@ -174,15 +173,36 @@ def run_baseline(spec: BaselineSpec) -> BaselineResult:
     """Scores the untuned 4-bit base (building the demo base first if that is the model)."""
     with _output_to(spec.log_file):
         _setup_process(spec.num_threads)
-        from evaluator.harness import evaluate
         from trainer.model import load_base_model, load_tokenizer
 
+        _setup_gpu(spec.device, spec.memory_cap_gib)
         tokenizer = load_tokenizer(spec.model)
         model = load_base_model(spec.model, spec.device, attn_implementation="sdpa")
-        evaluated = evaluate(
-            model, tokenizer, spec.eval.all_tasks(), spec.task_dir, spec.eval.batch_size, spec.eval.generation
-        )
+        evaluated = _score(model, tokenizer, spec.eval, spec.task_dir, spec.memory_cap_gib)
         return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
+
+
+def _score(model, tokenizer, config: EvalConfig, task_dir: str, memory_cap_gib: Optional[float]):
+    from evaluator.harness import evaluate
+
+    evaluated = evaluate(
+        model, tokenizer, config.all_tasks(), task_dir, config.batch_size, config.generation,
+        dequantize=config.dequantize, memory_budget_gib=memory_cap_gib,
+    )
+    print(f"scored in {evaluated.eval_seconds:.1f}s ({'dense copy of the base' if evaluated.dense else '4-bit base'})",
+          flush=True)
+    return evaluated
+
+
+def _release_cached_memory(device: str) -> None:
+    if device == "cpu":
+        return
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def failure_reason(error: BaseException) -> str:

@@ -1,0 +1,159 @@
+"""Scoring with a dense copy of the 4-bit base: the same outputs, the 4-bit layers back afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evaluator.config import GenerationConfig, TaskConfig
+from evaluator.fast import dense_base, dense_bytes, generation_batch_size, quantized_linears, use_dense
+from trainer.config import LoraConfig, ModelConfig
+
+
+@pytest.fixture
+def adapted(demo_base_dir):
+    """The demo base in 4-bit with a LoRA adapter whose B matrices are non-zero (a trained adapter's shape)."""
+    from trainer.model import attach_lora, load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
+    model = attach_lora(load_base_model(config, "cpu"), LoraConfig(r=8, alpha=16, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    return model, load_tokenizer(config)
+
+
+def _logits(model, ids):
+    # Train mode (dropout is 0) keeps bitsandbytes on its dequantize-then-matmul path, the one GPUs take
+    # for batched inputs; in eval mode on CPUs with AVX512-BF16 it switches to a repacked kernel that
+    # rounds differently.
+    model.train()
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+    finally:
+        model.eval()
+
+
+def test_dense_copy_gives_the_4bit_models_logits_and_restores_it(adapted):
+    model, _ = adapted
+    ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    layers = [layer for _, _, layer in quantized_linears(model)]
+    assert layers, "the demo base has 4-bit layers"
+    reference = _logits(model, ids)
+    with model.disable_adapter():
+        base_only = _logits(model, ids)
+    assert not torch.allclose(reference, base_only, atol=1e-3), "the adapter must change the outputs"
+
+    for merge in (False, True):
+        with dense_base(model, merge=merge) as swapped:
+            assert swapped == len(layers) and not quantized_linears(model)
+            dense = _logits(model, ids)
+        torch.testing.assert_close(dense, reference, atol=2e-3, rtol=2e-3)
+        assert (dense.argmax(-1) == reference.argmax(-1)).float().mean() > 0.99
+
+    # The 4-bit layers are back, the same objects, and peft no longer thinks the adapter is merged.
+    assert [layer for _, _, layer in quantized_linears(model)] == layers
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids), reference)
+
+
+def test_dense_copy_is_restored_when_scoring_fails(adapted):
+    model, _ = adapted
+    layers = [layer for _, _, layer in quantized_linears(model)]
+    with pytest.raises(RuntimeError, match="boom"), dense_base(model):
+        raise RuntimeError("boom")
+    assert [layer for _, _, layer in quantized_linears(model)] == layers
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_auto_keeps_the_4bit_base_off_the_gpu(adapted):
+    model, _ = adapted
+    assert dense_bytes(model) > 0
+    assert use_dense(model, "auto", "cpu", None) is False
+    assert use_dense(model, True, "cpu", None) is True
+
+
+def test_scoring_with_the_dense_copy_gives_the_same_scores(adapted, tmp_path):
+    from evaluator.harness import evaluate
+    from evaluator.micro import write_micro_task
+
+    model, tok = adapted
+    tasks = []
+    for generator, metric in (("micro_mc", "acc"), ("micro_sum", "rouge2")):
+        write_micro_task(f"t_{generator}", generator, tmp_path / "tasks", n=12)
+        tasks.append(TaskConfig(name=f"t_{generator}", generator=generator, num_docs=12, metric=metric))
+    generation = GenerationConfig(max_new_tokens=12, batch_size=5)
+    quantized = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
+    dense = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=True)
+    assert not quantized.dense and dense.dense
+    assert dense.scores == pytest.approx(quantized.scores, abs=1 / 12)
+    assert quantized_linears(model) and not model.training
+
+
+def test_greedy_generation_is_the_same_with_the_dense_copy(adapted):
+    model, tok = adapted
+    prompts = ["Summarize: the river city market report", "Question: 12 plus 7 is", "The quick brown fox"]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+
+    def generate():
+        model.train()  # the dequantize-then-matmul path (see _logits)
+        try:
+            with torch.no_grad():
+                return model.generate(**batch, max_new_tokens=16, do_sample=False, use_cache=True,
+                                      pad_token_id=tok.pad_token_id)
+        finally:
+            model.eval()
+
+    reference = generate()
+    with dense_base(model):
+        dense = generate()
+    assert torch.equal(dense, reference)
+
+
+def test_generation_batch_fits_the_kv_cache_in_free_memory():
+    from transformers import MistralConfig
+
+    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+    # Mistral-7B: 128 KiB of KV cache a token; 800 + 192 tokens a sequence plus the prefill's MLP activations.
+    per_sequence = 131072 * 992 + (3 * 14336 + 6 * 4096) * 2 * 800 + 4 * 32000
+    free = 20 * 2**30
+    assert generation_batch_size(config, free, 800, 192, 1000, 16) == int(0.8 * free // per_sequence)
+    assert generation_batch_size(config, free, 800, 192, 10, 16) == 10  # never more than the requests
+    assert generation_batch_size(config, 1, 800, 192, 100, 16) == 1
+    assert generation_batch_size(config, None, 800, 192, 100, 16) == 16  # off the GPU: the configured size
+
+
+@pytest.mark.gpu
+def test_dense_copy_on_gpu_matches_the_4bit_model_and_scoring_uses_it(demo_base_dir, tmp_path):
+    from evaluator.harness import evaluate
+    from evaluator.micro import write_micro_task
+    from trainer.model import attach_lora, load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
+    model = attach_lora(load_base_model(config, "cuda"), LoraConfig(r=8, alpha=16, dropout=0.0))
+    tok = load_tokenizer(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+        with dense_base(model):
+            dense = model(input_ids=ids).logits.float()
+    # bf16 compute: the merged delta is rounded into the weight once instead of added per output.
+    torch.testing.assert_close(dense, reference, atol=0.05, rtol=0.02)
+    assert (dense.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+    assert use_dense(model, "auto", "cuda", None)
+
+    write_micro_task("t_sum", "micro_sum", tmp_path / "tasks", n=20)
+    task = TaskConfig(name="t_sum", generator="micro_sum", num_docs=20, metric="rouge2")
+    result = evaluate(model, tok, [task], tmp_path / "tasks", 8, GenerationConfig(max_new_tokens=16))
+    assert result.dense and quantized_linears(model)
