@@ -100,34 +100,32 @@ def dense_base(model, merge: bool = True):
     """Swaps every 4-bit linear layer of `model` for a dense copy while the block runs.
 
     With `merge`, each LoRA layer's delta (B·A·scale) is added into its dense
-    copy and peft is told the adapter is merged, so a forward pass runs one
-    matmul per layer. DoRA layers stay unmerged (their delta depends on the
-    input's norm). On exit the 4-bit layers and peft's state come back as
-    they were; the dense copies are dropped. The model must not be trained
+    copy, and the whole LoRA layer (peft's wrapper included) is swapped for
+    that one dense layer, so a forward pass runs one matmul per layer and no
+    adapter bookkeeping. DoRA layers, and adapters switched off, keep their
+    LoRA wrapper around a dense base. On exit the original layers come back
+    untouched; the dense copies are dropped. The model must not be trained
     inside the block.
     """
     import torch
 
     dense_cls = _dense_linear_class()
+    owners = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     swapped = []
-    merged = []
     try:
         with torch.no_grad():
             for parent, name, layer in quantized_linears(model):
                 dtype = layer.compute_dtype or torch.bfloat16
-                weight = _dequantized(layer).to(dtype)
-                setattr(parent, name, dense_cls(weight, layer.bias))
-                swapped.append((parent, name, layer))
-                if merge and name == "base_layer" and _mergeable(parent):
+                weight, bias = _dequantized(layer).to(dtype), layer.bias
+                if merge and name == "base_layer" and _mergeable(parent) and id(parent) in owners:
                     for adapter in parent.active_adapters:
                         if adapter in parent.lora_A:
                             weight += parent.get_delta_weight(adapter).to(weight.device, torch.float32).to(dtype)
-                            parent.merged_adapters.append(adapter)
-                    merged.append(parent)
+                    parent, name, layer = *owners[id(parent)], parent
+                setattr(parent, name, dense_cls(weight, bias))
+                swapped.append((parent, name, layer))
         yield len(swapped)
     finally:
-        for parent in merged:
-            parent.merged_adapters.clear()
         for parent, name, layer in reversed(swapped):
             setattr(parent, name, layer)
 
@@ -167,9 +165,14 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
 
 
 def prefill_bytes_per_token(config, dtype_bytes: int = 2) -> int:
-    """Transient bytes per prompt token while one layer runs the prefill (MLP activations dominate)."""
+    """Transient bytes per prompt token while one layer runs the prefill.
+
+    The MLP's activations dominate: gate, up, their product and activation
+    (4 x intermediate), plus an unmerged LoRA's float32 copy of the down
+    projection's input (2 x intermediate in 2-byte units), plus a few hidden-sized buffers.
+    """
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    return (3 * intermediate + 6 * config.hidden_size) * dtype_bytes
+    return (6 * intermediate + 8 * config.hidden_size) * dtype_bytes
 
 
 def generation_batch_size(

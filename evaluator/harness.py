@@ -16,6 +16,8 @@ from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.fast import dense_base, free_bytes, generation_batch_size, use_dense
 
 log = logging.getLogger(__name__)
+# Generation settings that do not change a greedy decode.
+GREEDY_IGNORED = {"top_p", "top_k", "min_p"}
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,33 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
     batch x length x vocabulary). `generation.batch_size: auto` fits as many
     sequences as the KV cache and the prefill leave room for.
     """
+    import torch
     from lm_eval.models.huggingface import HFLM
+
+    from evaluator.decode import greedy_generate
 
     planned = generation.batch_size if generation is not None else "auto"
 
     class SweepLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            kwargs = dict(generation_kwargs)
+            attention_mask = kwargs.pop("attention_mask", None)
+            sampling = kwargs.pop("do_sample", False) or (kwargs.pop("temperature", 0.0) or 0.0) > 0
+            if sampling or set(kwargs) - GREEDY_IGNORED:  # sampling, beams, penalties: transformers' generate
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            stops = [s for s in stop if s]
+
+            def finished(rows: list[list[int]]) -> list[bool]:
+                texts = self.tokenizer.batch_decode(rows, skip_special_tokens=False)
+                return [any(s in text for s in stops) for text in texts]
+
+            return greedy_generate(
+                self.model, context,
+                attention_mask if attention_mask is not None else torch.ones_like(context),
+                max_length - context.shape[1], stop_check=finished, eos_token_id=self.eot_token_id,
+                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+            )
+
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not requests:
                 return []

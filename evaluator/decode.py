@@ -1,0 +1,164 @@
+"""Greedy decoding for scoring: a static KV cache, one CUDA graph per decode step, stop checks in strides.
+
+`transformers`' `generate` spends most of a decode step in Python on a
+7B model: logits processors, stopping criteria that decode every sequence and
+synchronise with the GPU at every token, and several hundred kernel launches
+for the forward pass itself. Scoring needs none of the flexibility, so this
+loop does the minimum: one prefill, then per token an argmax fed back in.
+On a GPU the decode step (forward pass, argmax, cache write) is captured once
+as a CUDA graph and replayed, so a step costs its GPU time, not its launches.
+Stop sequences are checked every `check_every` tokens on the CPU; rows that
+finish keep decoding (the graph has a fixed batch) until all have finished.
+
+The result matches `generate(do_sample=False)` token for token (tests check
+it on CPU); lm-eval cuts each continuation at its first stop sequence either way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _core_model(model):
+    """The transformers model under a peft wrapper (its forward takes the cache arguments directly)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class _Step:
+    """One decode step over static buffers, run eagerly or replayed from a CUDA graph."""
+
+    def __init__(self, model, cache, valid, position, slot, pass_cache_position: bool):
+        import torch
+
+        self.model, self.cache, self.valid = model, cache, valid
+        self.position, self.slot, self.pass_cache_position = position, slot, pass_cache_position
+        self.ids = torch.zeros((valid.shape[0], 1), dtype=torch.long, device=valid.device)
+        self.next = None
+        self.graph = None
+
+    def _forward(self):
+        kwargs = {"cache_position": self.slot} if self.pass_cache_position else {}
+        self.valid.index_fill_(1, self.slot, True)  # the slot this step writes becomes visible to every row
+        out = self.model(
+            input_ids=self.ids, position_ids=self.position, attention_mask=self.valid[:, None, None, :],
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs,
+        )
+        return out.logits[:, -1].argmax(-1)
+
+    def run(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.next
+        return self._forward()
+
+    def capture(self) -> bool:
+        """Records the step as a CUDA graph (the recording does not run it); False if the model can't be captured."""
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.next = self._forward()
+        except Exception as e:  # an op that syncs or reallocates: stay eager
+            log.info("decoding without a CUDA graph: %s", " ".join(str(e).split())[:200])
+            torch.cuda.synchronize()
+            return False
+        self.graph = graph
+        return True
+
+
+def greedy_generate(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    stop_check=None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    check_every: int = 16,
+    cuda_graph: bool = True,
+):
+    """Greedy continuation of a left-padded batch; returns prompt and new tokens, as `generate` does.
+
+    Args:
+        model: a causal LM (or a peft model around one).
+        input_ids, attention_mask: [batch, prompt] left-padded prompts.
+        max_new_tokens: most tokens generated per row.
+        stop_check: called with the rows' new tokens (lists) every
+            `check_every` steps; returns which rows are finished.
+        eos_token_id: a row that emits it is finished and padded after it.
+        pad_token_id: what follows a row's end of sequence.
+        cuda_graph: replay the decode step from a CUDA graph (GPU only).
+    """
+    import torch
+    from transformers import StaticCache
+
+    core = _core_model(model)
+    batch, prompt = input_ids.shape
+    device = input_ids.device
+    total = prompt + max_new_tokens
+    cache = StaticCache(config=core.config, max_cache_len=total)
+    takes_cache_position = "cache_position" in inspect.signature(core.forward).parameters
+
+    # Which cache slots each row may attend to: its real prompt tokens, then everything it generates.
+    valid = torch.zeros((batch, total), dtype=torch.bool, device=device)
+    valid[:, :prompt] = attention_mask.bool()
+    # Prefill: causal over the prompt, never onto padding; each query may always see itself, so a padding
+    # row never has every key masked (sdpa would return NaN there and the cache would carry it).
+    causal = torch.ones((prompt, total), dtype=torch.bool, device=device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask[:, torch.arange(prompt), torch.arange(prompt)] = True
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"cache_position": torch.arange(prompt, device=device)} if takes_cache_position else {}
+    with torch.no_grad():
+        out = core(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1, **kwargs)
+    token = out.logits[:, -1].argmax(-1)
+    del out, mask, causal
+
+    new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    position = positions[:, -1:].clone()
+    slot = torch.tensor([prompt], device=device)  # the cache slot the next step writes (the same for all rows)
+    step = _Step(core, cache, valid, position, slot, takes_cache_position)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    use_graph = cuda_graph and device.type == "cuda"
+    done = 0
+    with torch.no_grad():
+        for i in range(max_new_tokens):
+            new[:, i] = token
+            done = i + 1
+            if i + 1 == max_new_tokens:
+                break
+            if (i + 1) % check_every == 0 and _all_finished(new[:, : i + 1], finished, stop_check, eos_token_id):
+                break
+            position.add_(1)
+            step.ids.copy_(token[:, None])
+            if i == 2 and use_graph:  # a couple of eager steps first: lazy allocations happen outside the graph
+                torch.cuda.synchronize()
+                use_graph = step.capture()
+            token = step.run()
+            slot.add_(1)
+    new = new[:, :done]
+    if eos_token_id is not None:
+        # After a row's first end-of-sequence token: padding, as generate leaves it.
+        is_eos = new == eos_token_id
+        seen = is_eos.long().cumsum(-1)
+        new = new.masked_fill((seen > 0) & ~(is_eos & (seen == 1)), pad_token_id)
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _all_finished(new, finished, stop_check, eos_token_id) -> bool:
+    """Updates `finished` from the new tokens so far (one sync); True when every row has finished."""
+    rows = new.tolist()
+    for i, row in enumerate(rows):
+        if not finished[i] and eos_token_id is not None and eos_token_id in row:
+            finished[i] = True
+    if stop_check is not None:
+        pending = [i for i in range(len(rows)) if not finished[i]]
+        if pending:
+            for i, stop in zip(pending, stop_check([rows[i] for i in pending]), strict=True):
+                finished[i] = finished[i] or stop
+    return bool(finished.all())
