@@ -102,71 +102,47 @@ def write_tasks(task_dir: Path, tokenizer, scale: float, max_new_tokens: int) ->
     return counts
 
 
-def probe(model, device: str, vocab: int) -> dict:
-    """Decode-step and log-likelihood speed of the 4-bit model, its dense copy, and the dense copy merged.
+def probe(model, device: str, vocab: int, batch: int = 32, prompt: int = 800) -> dict:
+    """Milliseconds per decode step: transformers' `generate` on the 4-bit model and on the dense merged copy,
+    and this project's decode loop (`evaluator.decode`) on the dense copy.
 
-    Times `generate` on random token ids (800-token prompts, the gsm8k shape, 16 and 32 at a time)
-    for 1 and for 65 new tokens; the difference over 64 is one decode step.
-    Also a torch-profiler summary of decoding with the 4-bit model.
+    Random token ids, `prompt`-token prompts (the gsm8k shape), `batch` at a time;
+    a step is the difference between 65 and 1 new tokens, over 64.
     """
     import contextlib
 
     import torch
 
+    from evaluator.decode import greedy_generate
     from evaluator.fast import dense_base
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def timed(fn) -> float:
-        sync()
+        torch.cuda.synchronize() if device == "cuda" else None
         start = time.perf_counter()
         with torch.no_grad():
             fn()
-        sync()
+        torch.cuda.synchronize() if device == "cuda" else None
         return time.perf_counter() - start
 
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    variants = {
-        "4bit": contextlib.nullcontext, "dense": lambda: dense_base(model, merge=False),
-        "dense_merged": lambda: dense_base(model, merge=True),
-    }
-    for name, context in variants.items():
-        with context():
-            row = {}
-            for batch in (16, 32):
-                ids = torch.randint(100, vocab, (batch, 800), generator=gen).to(device)
+    ids = torch.randint(100, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
 
-                def generate(new, ids=ids):
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                   min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+    def hf(new):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       use_cache=True, pad_token_id=0)
 
-                generate(2)  # warm-up
-                one, many = timed(lambda: generate(1)), timed(lambda: generate(65))
-                row[f"batch{batch}_prefill_seconds"] = one
-                row[f"batch{batch}_step_ms"] = (many - one) / 64 * 1000
-            ids = torch.randint(100, vocab, (32, 300), generator=gen).to(device)
-            seconds = min(timed(lambda: torch.log_softmax(model(input_ids=ids).logits.float(), -1)) for _ in range(3))
-            row["loglikelihood_tokens_per_second"] = ids.numel() / seconds
-            if device == "cuda":
-                row["profile"] = _profile(model, torch.randint(100, vocab, (16, 100), generator=gen).to(device))
-                print(row["profile"], flush=True)
-            out[name] = row
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+    def ours(new):
+        greedy_generate(model, ids, mask, new)
+
+    out = {"batch": batch, "prompt_tokens": prompt}
+    for name, context, fn in (("generate_4bit", contextlib.nullcontext, hf), ("generate_dense", dense_base, hf),
+                              ("sweep_decode_dense", dense_base, ours)):
+        with context(model) if context is dense_base else context():
+            fn(4)  # warm-up
+            one, many = timed(lambda: fn(1)), timed(lambda: fn(65))
+        out[name] = {"prefill_seconds": one, "step_ms": (many - one) / 64 * 1000}
+        print(json.dumps({name: out[name]}), flush=True)
     return out
-
-
-def _profile(model, ids) -> str:
-    """The torch profiler's top operators (by GPU time) over 8 decode steps."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9,
-                       do_sample=False, use_cache=True, pad_token_id=0)
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50)
 
 
 def main(argv=None) -> int:

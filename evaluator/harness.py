@@ -150,6 +150,7 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
     from lm_eval.models.huggingface import HFLM
 
     from evaluator.decode import greedy_generate
+    from evaluator.prefix import shared_prefix_loglikelihoods
 
     planned = generation.batch_size if generation is not None else "auto"
 
@@ -172,6 +173,16 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
                 max_length - context.shape[1], stop_check=finished, eos_token_id=self.eot_token_id,
                 pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
             )
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self.backend != "causal" or any(len(c) + len(k) > self.max_length for _, c, k in requests):
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            results = shared_prefix_loglikelihoods(
+                self.model, [(c, k) for _, c, k in requests], self.max_length, token_budget=batch_size * 512
+            )
+            for (request, _, _), answer in zip(requests, results, strict=True):
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+            return results
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not requests:

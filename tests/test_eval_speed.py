@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -198,3 +200,60 @@ def test_greedy_decode_loop_matches_generate_and_stops_early(adapted):
             assert torch.equal(early, reference[:, : prompt + 4])
     finally:
         model.eval()
+
+
+def test_shared_prefix_loglikelihoods_match_lm_evals_one_pass_per_choice(adapted):
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluator.harness import _language_model
+    from evaluator.prefix import shared_prefix_loglikelihoods
+
+    model, tok = adapted
+    lm = _language_model(model, tok, 4, None, None)
+    questions = ["Question: which is even?\nAnswer:", "The river city market report says", "Q: 12 plus 7 is\nA:"]
+    choices = [" one", " two apples and pears", " 19", " nineteen of them", " A"]
+    requests = []
+    for q in questions:
+        context = tok(q, add_special_tokens=False)["input_ids"]
+        for c in choices:
+            requests.append(((q, c), context, tok(c, add_special_tokens=False)["input_ids"]))
+    model.train()  # the dequantize-then-matmul path (see _logits)
+    try:
+        ours = lm._loglikelihood_tokens(requests)
+        theirs = HFLM._loglikelihood_tokens(lm, requests)
+        # Rows split when a context's continuations do not fit, and one row per forward pass.
+        longest = max(len(c) for _, c, _ in requests)
+        split = shared_prefix_loglikelihoods(model, [(c, k) for _, c, k in requests], longest + 6, token_budget=1)
+    finally:
+        model.eval()
+    assert len(ours) == len(theirs) == 15
+    assert len({round(v, 3) for v, _ in theirs}) > 10  # the choices do differ
+    assert [v for v, _ in split] == pytest.approx([v for v, _ in ours], abs=1e-3)
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-3)
+        assert greedy_a == greedy_b
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_decode_on_gpu(demo_base_dir, caplog):
+    import logging
+
+    from evaluator.decode import greedy_generate
+    from trainer.model import attach_lora, load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
+    model = attach_lora(load_base_model(config, "cuda"), LoraConfig(r=8, alpha=16, dropout=0.0))
+    model.eval()
+    tok = load_tokenizer(config)
+    tok.padding_side = "left"
+    batch = tok(["Summarize: the river city market report", "Question: 12 plus 7 is", "The quick brown fox"],
+                return_tensors="pt", padding=True).to("cuda")
+    caplog.set_level(logging.INFO, logger="evaluator.decode")
+    for dense in (False, True):
+        with dense_base(model) if dense else contextlib.nullcontext():
+            eager = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 24, cuda_graph=False)
+            graphed = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 24)
+            reference = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert torch.equal(graphed, eager)
+        assert (graphed == reference).float().mean() > 0.9
+    assert "without a CUDA graph" not in caplog.text

@@ -1,0 +1,123 @@
+"""Log-likelihoods of a context's continuations, the context run once.
+
+lm-eval scores a multiple-choice document as one request per choice, each a
+full forward pass over context and choice: TruthfulQA's 280-token prompt is
+run six to thirteen times for a dozen tokens of answer each. Here a context
+and all its continuations share one packed row: the continuations follow the
+context, each attends to the context and to itself only (a block mask), and
+each restarts its position ids where the context ends, so every continuation
+sees exactly what it would see alone. The logits are computed only where a
+continuation token is predicted.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+
+@dataclass
+class _Row:
+    context: list[int]
+    requests: list[int]  # indices into the request list, one per continuation in this row
+    length: int
+
+
+def shared_prefix_loglikelihoods(
+    model, requests: list[tuple[list[int], list[int]]], max_length: int, token_budget: int
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, whether each token is the argmax) of every (context, continuation) pair.
+
+    Args:
+        model: a causal LM (or a peft model around one).
+        requests: token ids of each context and continuation (both non-empty).
+        max_length: the most tokens one row may hold (the model's context).
+        token_budget: padded tokens per forward pass.
+    """
+    import torch
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(core.parameters()).device
+    keeps_logits = "logits_to_keep" in inspect.signature(core.forward).parameters
+    rows = _rows(requests, max_length)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    rows.sort(key=lambda r: -r.length)
+    start = 0
+    while start < len(rows):
+        width = rows[start].length  # the longest row of the batch (rows are sorted)
+        count = max(1, min(len(rows) - start, token_budget // width))
+        batch = rows[start : start + count]
+        start += count
+        _score_batch(core, batch, requests, results, width, device, keeps_logits, torch)
+    return results  # type: ignore[return-value]
+
+
+def _rows(requests, max_length: int) -> list[_Row]:
+    """Groups continuations by context into rows of at most `max_length` tokens."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        by_context.setdefault(tuple(context), []).append(i)
+    rows = []
+    for context, indices in by_context.items():
+        row = None
+        for i in indices:
+            continuation = requests[i][1]
+            if row is None or row.length + len(continuation) > max_length:
+                row = _Row(list(context), [], len(context))
+                rows.append(row)
+            row.requests.append(i)
+            row.length += len(continuation)
+    return rows
+
+
+def _score_batch(core, batch: list[_Row], requests, results, width: int, device, keeps_logits: bool, torch) -> None:
+    n = len(batch)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # -1 padding, 0 context, j + 1 continuation j
+    # Per request: (row, the row indices whose logits predict its tokens, its tokens).
+    targets: list[tuple[int, int, list[int], list[int]]] = []
+    for b, row in enumerate(batch):
+        c = len(row.context)
+        ids[b, :c] = torch.tensor(row.context)
+        positions[b, :c] = torch.arange(c)
+        segment[b, :c] = 0
+        at = c
+        for j, i in enumerate(row.requests):
+            continuation = requests[i][1]
+            k = len(continuation)
+            ids[b, at : at + k] = torch.tensor(continuation)
+            positions[b, at : at + k] = torch.arange(c, c + k)
+            segment[b, at : at + k] = j + 1
+            # Token 0 is predicted by the context's last token, token t by the continuation's token t - 1.
+            targets.append((i, b, [c - 1] + list(range(at, at + k - 1)), continuation))
+            at += k
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no all-masked row (NaN in sdpa)
+    needed = sorted({p for _, _, where, _ in targets for p in where})
+    column = {p: j for j, p in enumerate(needed)}
+    kwargs = {"logits_to_keep": torch.tensor(needed, device=device)} if keeps_logits else {}
+    with torch.no_grad():
+        logits = core(
+            input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask[:, None].to(device),
+            use_cache=False, **kwargs,
+        ).logits
+        if not keeps_logits:
+            logits = logits[:, needed]
+        rows_index, cols_index, tokens, owners = [], [], [], []
+        for i, b, where, continuation in targets:
+            rows_index += [b] * len(where)
+            cols_index += [column[p] for p in where]
+            tokens += continuation
+            owners += [i] * len(where)
+        picked = logits[torch.tensor(rows_index, device=device), torch.tensor(cols_index, device=device)]
+        logprobs = torch.log_softmax(picked.float(), dim=-1)
+        token_ids = torch.tensor(tokens, device=device)
+        chosen = logprobs.gather(-1, token_ids[:, None])[:, 0].cpu()
+        greedy = (logprobs.argmax(-1) == token_ids).cpu()
+    owners_t = torch.tensor(owners)
+    for i, _, _, _ in targets:
+        where = owners_t == i
+        results[i] = (float(chosen[where].sum()), bool(greedy[where].all()))
