@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import logging
 import math
+import pstats
 import random
 import sys
 import tempfile
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=200, help="the trial's max_steps")
     parser.add_argument("--pack-length", type=int, default=8192)
     parser.add_argument("--probe", action="store_true", help="also time decode steps of each scoring variant")
+    parser.add_argument("--cprofile", metavar="TASK", help="print the Python profile of scoring this task")
     # Generation first: it dominates, and a run cut short still measures it.
     parser.add_argument("--tasks", default="gsm8k,cnn_dailymail_abisee,hendrycks_math,ethics_x5,mmlu,truthfulqa_mc1,"
                                            "bbq,bigbench_anachronisms,bigbench_analogical_similarity")
@@ -227,8 +230,13 @@ def main(argv=None) -> int:
         metric = "acc" if kind == "multiple_choice" else "exact_match"
         task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"),
                           max_new_tokens=MAX_NEW_TOKENS.get(name))
+        profiler = cProfile.Profile() if name == args.cprofile else None
+        profiler.enable() if profiler else None
         evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation,
                              dequantize=False, memory_budget_gib=args.memory_cap_gib)
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
                                  "seconds": evaluated.eval_seconds}
         print(json.dumps({name: result["tasks"][name]}), flush=True)

@@ -16,10 +16,60 @@ it on CPU); lm-eval cuts each continuation at its first stop sequence either way
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
 log = logging.getLogger(__name__)
+
+
+ATTENTION = "sweep_decode"
+
+
+def _register_attention() -> None:
+    """Registers `ATTENTION`: sdpa for the prefill, and for one-token decode steps a grouped-query attention
+    that reads each key/value head once.
+
+    With an attention mask (left padding needs one), transformers' sdpa path
+    copies every key/value head once per query head sharing it (4x the cache
+    traffic on Mistral) before attending; a decode step is bound by exactly
+    that traffic. Here the query heads of a group are batched against their
+    shared key/value head instead.
+    """
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if query.shape[2] != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        batch, heads, _, dim = query.shape
+        kv_heads, length = key.shape[1], key.shape[2]
+        q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
+        if attention_mask is not None:
+            mask = attention_mask[..., :length].reshape(batch, 1, 1, length)
+            scores = scores.masked_fill(~mask if mask.dtype == torch.bool else mask < 0, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)  # [batch, kv_heads, group, dim]
+        return out.reshape(batch, 1, heads, dim), None
+
+    AttentionInterface.register(ATTENTION, attention)
+
+
+@contextlib.contextmanager
+def _decode_attention(core):
+    """Runs the block with `ATTENTION` as the model's attention, then restores the one it had."""
+    if not hasattr(core, "set_attn_implementation"):
+        yield
+        return
+    _register_attention()
+    before = core.config._attn_implementation
+    core.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        core.set_attn_implementation(before)
 
 
 def _core_model(model):
@@ -93,10 +143,17 @@ def greedy_generate(
         pad_token_id: what follows a row's end of sequence.
         cuda_graph: replay the decode step from a CUDA graph (GPU only).
     """
+    core = _core_model(model)
+    with _decode_attention(core):
+        return _generate(core, input_ids, attention_mask, max_new_tokens, stop_check, eos_token_id, pad_token_id,
+                         check_every, cuda_graph)
+
+
+def _generate(core, input_ids, attention_mask, max_new_tokens, stop_check, eos_token_id, pad_token_id, check_every,
+              cuda_graph):
     import torch
     from transformers import StaticCache
 
-    core = _core_model(model)
     batch, prompt = input_ids.shape
     device = input_ids.device
     total = prompt + max_new_tokens

@@ -255,5 +255,33 @@ def test_cuda_graph_decode_matches_eager_decode_on_gpu(demo_base_dir, caplog):
             graphed = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 24)
             reference = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=0)
         assert torch.equal(graphed, eager)
-        assert (graphed == reference).float().mean() > 0.9
+        # The first new token comes from the prefill alone; later ones can part ways on bf16 near-ties
+        # of a random tiny model (different attention kernels), so only the start is compared.
+        prompt = batch["input_ids"].shape[1]
+        assert torch.equal(graphed[:, : prompt + 1], reference[:, : prompt + 1])
     assert "without a CUDA graph" not in caplog.text
+
+
+def test_decode_attention_equals_sdpa_with_repeated_heads():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from evaluator.decode import ATTENTION, _register_attention
+
+    _register_attention()
+    attention = AttentionInterface()[ATTENTION]
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, 1, 16, generator=g)
+    key, value = torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.3
+    mask[..., -1] = True
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    out, _ = attention(Layer(), query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
