@@ -156,7 +156,9 @@ def _generate(core, input_ids, attention_mask, max_new_tokens, stop_check, eos_t
 
     batch, prompt = input_ids.shape
     device = input_ids.device
-    total = prompt + max_new_tokens
+    # Cache slots rounded up to a multiple of 64: attention kernels with a mask need its rows aligned, or
+    # fall back to a far slower path. The extra slots are never valid, so never attended.
+    total = -(-(prompt + max_new_tokens) // 64) * 64
     cache = StaticCache(config=core.config, max_cache_len=total)
     takes_cache_position = "cache_position" in inspect.signature(core.forward).parameters
 

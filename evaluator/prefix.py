@@ -71,27 +71,33 @@ def _rows(requests, max_length: int) -> list[_Row]:
 
 
 def _score_batch(core, batch: list[_Row], requests, results, width: int, device, keeps_logits: bool, torch) -> None:
+    import numpy as np
+
     n = len(batch)
-    ids = torch.zeros((n, width), dtype=torch.long)
-    positions = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), -1, dtype=torch.long)  # -1 padding, 0 context, j + 1 continuation j
+    # Rows padded to a multiple of 16: attention kernels with a mask need its rows aligned, or fall back to a
+    # far slower path.
+    width = -(-width // 16) * 16
+    ids = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
+    segment = np.full((n, width), -1, dtype=np.int64)  # -1 padding, 0 context, j + 1 continuation j
     # Per request: (row, the row indices whose logits predict its tokens, its tokens).
     targets: list[tuple[int, int, list[int], list[int]]] = []
     for b, row in enumerate(batch):
         c = len(row.context)
-        ids[b, :c] = torch.tensor(row.context)
-        positions[b, :c] = torch.arange(c)
+        ids[b, :c] = row.context
+        positions[b, :c] = np.arange(c)
         segment[b, :c] = 0
         at = c
         for j, i in enumerate(row.requests):
             continuation = requests[i][1]
             k = len(continuation)
-            ids[b, at : at + k] = torch.tensor(continuation)
-            positions[b, at : at + k] = torch.arange(c, c + k)
+            ids[b, at : at + k] = continuation
+            positions[b, at : at + k] = np.arange(c, c + k)
             segment[b, at : at + k] = j + 1
             # Token 0 is predicted by the context's last token, token t by the continuation's token t - 1.
             targets.append((i, b, [c - 1] + list(range(at, at + k - 1)), continuation))
             at += k
+    ids, positions, segment = torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(segment)
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
@@ -106,18 +112,20 @@ def _score_batch(core, batch: list[_Row], requests, results, width: int, device,
         ).logits
         if not keeps_logits:
             logits = logits[:, needed]
-        rows_index, cols_index, tokens, owners = [], [], [], []
-        for i, b, where, continuation in targets:
+        rows_index, cols_index, tokens = [], [], []
+        for _, b, where, continuation in targets:
             rows_index += [b] * len(where)
             cols_index += [column[p] for p in where]
             tokens += continuation
-            owners += [i] * len(where)
         picked = logits[torch.tensor(rows_index, device=device), torch.tensor(cols_index, device=device)]
         logprobs = torch.log_softmax(picked.float(), dim=-1)
         token_ids = torch.tensor(tokens, device=device)
         chosen = logprobs.gather(-1, token_ids[:, None])[:, 0].cpu()
         greedy = (logprobs.argmax(-1) == token_ids).cpu()
-    owners_t = torch.tensor(owners)
-    for i, _, _, _ in targets:
-        where = owners_t == i
-        results[i] = (float(chosen[where].sum()), bool(greedy[where].all()))
+    # Each request's tokens are consecutive, in `targets` order: sum and check them per run.
+    at = 0
+    chosen, greedy = chosen.tolist(), greedy.tolist()
+    for i, _, where, _ in targets:
+        end = at + len(where)
+        results[i] = (float(sum(chosen[at:end])), all(greedy[at:end]))
+        at = end
