@@ -120,93 +120,134 @@ class _Step:
         return True
 
 
-def greedy_generate(
-    model,
-    input_ids,
-    attention_mask,
-    max_new_tokens: int,
-    stop_check=None,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
-    check_every: int = 16,
-    cuda_graph: bool = True,
-):
-    """Greedy continuation of a left-padded batch; returns prompt and new tokens, as `generate` does.
+class GreedyDecoder:
+    """Greedy decoding of one model, batch after batch, reusing its static cache and CUDA graph.
 
-    Args:
-        model: a causal LM (or a peft model around one).
-        input_ids, attention_mask: [batch, prompt] left-padded prompts.
-        max_new_tokens: most tokens generated per row.
-        stop_check: called with the rows' new tokens (lists) every
-            `check_every` steps; returns which rows are finished.
-        eos_token_id: a row that emits it is finished and padded after it.
-        pad_token_id: what follows a row's end of sequence.
-        cuda_graph: replay the decode step from a CUDA graph (GPU only).
+    Allocating a KV cache and capturing a decode step cost seconds each on a 7B
+    model, so both are kept for the next batch when it fits: as many rows or
+    fewer (padded with copies of the first row) and as many cache slots or fewer.
     """
-    core = _core_model(model)
-    with _decode_attention(core):
-        return _generate(core, input_ids, attention_mask, max_new_tokens, stop_check, eos_token_id, pad_token_id,
-                         check_every, cuda_graph)
+
+    def __init__(self, model, cuda_graph: bool = True):
+        self.core = _core_model(model)
+        self.cuda_graph = cuda_graph
+        self.session: _Session | None = None
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens: int,
+        stop_check=None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        check_every: int = 16,
+    ):
+        """Greedy continuation of a left-padded batch; returns prompt and new tokens, as `generate` does.
+
+        Args:
+            input_ids, attention_mask: [batch, prompt] left-padded prompts.
+            max_new_tokens: most tokens generated per row.
+            stop_check: called with the rows' new tokens (lists) every
+                `check_every` steps; returns which rows are finished.
+            eos_token_id: a row that emits it is finished and padded after it.
+            pad_token_id: what follows a row's end of sequence.
+        """
+        import torch
+
+        rows, prompt = input_ids.shape
+        # Cache slots rounded up to a multiple of 64: attention kernels with a mask need its rows aligned, or
+        # fall back to a far slower path. The extra slots are never valid, so never attended.
+        slots = -(-(prompt + max_new_tokens) // 64) * 64
+        session = self.session
+        if session is None or rows > session.batch or slots > session.slots or session.device != input_ids.device:
+            self.session = session = None  # free the old cache before allocating the new one
+            session = self.session = _Session(self.core, rows, slots, input_ids.device, self.cuda_graph)
+        if rows < session.batch:  # pad with copies of the first row, finished from the start; dropped below
+            fill = session.batch - rows
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
+        with _decode_attention(self.core):
+            out = session.generate(input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id,
+                                   pad_token_id, check_every)
+        return out[:rows]
 
 
-def _generate(core, input_ids, attention_mask, max_new_tokens, stop_check, eos_token_id, pad_token_id, check_every,
-              cuda_graph):
-    import torch
-    from transformers import StaticCache
+def greedy_generate(model, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool = True, **kwargs):
+    """One batch through a `GreedyDecoder` (see `GreedyDecoder.generate` for the arguments)."""
+    return GreedyDecoder(model, cuda_graph).generate(input_ids, attention_mask, max_new_tokens, **kwargs)
 
-    batch, prompt = input_ids.shape
-    device = input_ids.device
-    # Cache slots rounded up to a multiple of 64: attention kernels with a mask need its rows aligned, or
-    # fall back to a far slower path. The extra slots are never valid, so never attended.
-    total = -(-(prompt + max_new_tokens) // 64) * 64
-    cache = StaticCache(config=core.config, max_cache_len=total)
-    takes_cache_position = "cache_position" in inspect.signature(core.forward).parameters
 
-    # Which cache slots each row may attend to: its real prompt tokens, then everything it generates.
-    valid = torch.zeros((batch, total), dtype=torch.bool, device=device)
-    valid[:, :prompt] = attention_mask.bool()
-    # Prefill: causal over the prompt, never onto padding; each query may always see itself, so a padding
-    # row never has every key masked (sdpa would return NaN there and the cache would carry it).
-    causal = torch.ones((prompt, total), dtype=torch.bool, device=device).tril()
-    mask = causal[None] & valid[:, None, :]
-    mask[:, torch.arange(prompt), torch.arange(prompt)] = True
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"cache_position": torch.arange(prompt, device=device)} if takes_cache_position else {}
-    with torch.no_grad():
-        out = core(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1, **kwargs)
-    token = out.logits[:, -1].argmax(-1)
-    del out, mask, causal
+class _Session:
+    """A static KV cache for `batch` rows of `slots` tokens, its step buffers, and the step's CUDA graph."""
 
-    new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    position = positions[:, -1:].clone()
-    slot = torch.tensor([prompt], device=device)  # the cache slot the next step writes (the same for all rows)
-    step = _Step(core, cache, valid, position, slot, takes_cache_position)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    use_graph = cuda_graph and device.type == "cuda"
-    done = 0
-    with torch.no_grad():
-        for i in range(max_new_tokens):
-            new[:, i] = token
-            done = i + 1
-            if i + 1 == max_new_tokens:
-                break
-            if (i + 1) % check_every == 0 and _all_finished(new[:, : i + 1], finished, stop_check, eos_token_id):
-                break
-            position.add_(1)
-            step.ids.copy_(token[:, None])
-            if i == 2 and use_graph:  # a couple of eager steps first: lazy allocations happen outside the graph
-                torch.cuda.synchronize()
-                use_graph = step.capture()
-            token = step.run()
-            slot.add_(1)
-    new = new[:, :done]
-    if eos_token_id is not None:
-        # After a row's first end-of-sequence token: padding, as generate leaves it.
-        is_eos = new == eos_token_id
-        seen = is_eos.long().cumsum(-1)
-        new = new.masked_fill((seen > 0) & ~(is_eos & (seen == 1)), pad_token_id)
-    return torch.cat([input_ids, new], dim=1)
+    def __init__(self, core, batch: int, slots: int, device, cuda_graph: bool):
+        import torch
+        from transformers import StaticCache
+
+        self.core, self.batch, self.slots, self.device = core, batch, slots, device
+        self.cache = StaticCache(config=core.config, max_cache_len=slots)
+        self.takes_cache_position = "cache_position" in inspect.signature(core.forward).parameters
+        # Which cache slots each row may attend to: its real prompt tokens, then everything it generates.
+        self.valid = torch.zeros((batch, slots), dtype=torch.bool, device=device)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next step writes (all rows)
+        self.step = _Step(core, self.cache, self.valid, self.position, self.slot, self.takes_cache_position)
+        self.use_graph = cuda_graph and torch.device(device).type == "cuda"
+
+    def generate(self, input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id, pad_token_id,
+                 check_every):
+        import torch
+
+        batch, prompt = input_ids.shape
+        device = input_ids.device
+        core, slots = self.core, self.slots
+        self.cache.reset()  # zeroes the buffers in place: a captured graph stays valid
+        self.valid.zero_()
+        self.valid[:, :prompt] = attention_mask.bool()
+        # Prefill: causal over the prompt, never onto padding; each query may always see itself, so a padding
+        # row never has every key masked (sdpa would return NaN there and the cache would carry it).
+        causal = torch.ones((prompt, slots), dtype=torch.bool, device=device).tril()
+        mask = causal[None] & self.valid[:, None, :]
+        mask[:, torch.arange(prompt), torch.arange(prompt)] = True
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"cache_position": torch.arange(prompt, device=device)} if self.takes_cache_position else {}
+        with torch.no_grad():
+            out = core(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+        token = out.logits[:, -1].argmax(-1)
+        del out, mask, causal
+
+        new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.position.copy_(positions[:, -1:])
+        self.slot.fill_(prompt)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        finished[rows:] = True  # padding rows
+        done = 0
+        with torch.no_grad():
+            for i in range(max_new_tokens):
+                new[:, i] = token
+                done = i + 1
+                if i + 1 == max_new_tokens:
+                    break
+                if (i + 1) % check_every == 0 and _all_finished(new[:, : i + 1], finished, stop_check,
+                                                                eos_token_id):
+                    break
+                self.position.add_(1)
+                self.step.ids.copy_(token[:, None])
+                if i == 2 and self.use_graph and self.step.graph is None:
+                    # A couple of eager steps first: lazy allocations happen outside the graph.
+                    torch.cuda.synchronize()
+                    self.use_graph = self.step.capture()
+                token = self.step.run()
+                self.slot.add_(1)
+        new = new[:, :done]
+        if eos_token_id is not None:
+            # After a row's first end-of-sequence token: padding, as generate leaves it.
+            is_eos = new == eos_token_id
+            seen = is_eos.long().cumsum(-1)
+            new = new.masked_fill((seen > 0) & ~(is_eos & (seen == 1)), pad_token_id)
+        return torch.cat([input_ids, new], dim=1)
 
 
 def _all_finished(new, finished, stop_check, eos_token_id) -> bool:

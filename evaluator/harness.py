@@ -102,6 +102,7 @@ def evaluate(
         with dense_base(model) if dense else contextlib.nullcontext():
             lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
             scores = _score(lm, tasks, task_manager(tasks, task_dir), generation)
+            del lm  # its decoder's KV cache and CUDA graph go before the dense copy does
     finally:
         for c, value in zip(configs, saved_cache, strict=True):
             c.use_cache = value
@@ -184,12 +185,14 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from evaluator.decode import greedy_generate
+    from evaluator.decode import GreedyDecoder
     from evaluator.prefix import shared_prefix_loglikelihoods
 
     planned = generation.batch_size if generation is not None else "auto"
 
     class SweepLM(HFLM):
+        decoder = None  # a GreedyDecoder, made at the first generation request and kept for the next ones
+
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             kwargs = dict(generation_kwargs)
             attention_mask = kwargs.pop("attention_mask", None)
@@ -202,8 +205,10 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
                 texts = self.tokenizer.batch_decode(rows, skip_special_tokens=False)
                 return [any(s in text for s in stops) for text in texts]
 
-            return greedy_generate(
-                self.model, context,
+            if self.decoder is None:
+                self.decoder = GreedyDecoder(self.model)
+            return self.decoder.generate(
+                context,
                 attention_mask if attention_mask is not None else torch.ones_like(context),
                 max_length - context.shape[1], stop_check=finished, eos_token_id=self.eot_token_id,
                 pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,

@@ -285,3 +285,27 @@ def test_decode_attention_equals_sdpa_with_repeated_heads():
         query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
     ).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_reuses_its_cache_for_smaller_batches(adapted):
+    from evaluator.decode import GreedyDecoder, greedy_generate
+
+    model, tok = adapted
+    tok.padding_side = "left"
+    first = tok(["Summarize: the river city market report", "Question: 12 plus 7 is", "The quick brown fox"],
+                return_tensors="pt", padding=True)
+    second = tok(["A short one", "Question: 3 plus 4 is"], return_tensors="pt", padding=True)
+    decoder = GreedyDecoder(model)
+    model.train()  # the dequantize-then-matmul path (see _logits)
+    try:
+        with torch.no_grad():
+            a = decoder.generate(first["input_ids"], first["attention_mask"], 12)
+            session = decoder.session
+            b = decoder.generate(second["input_ids"], second["attention_mask"], 12)
+            assert decoder.session is session  # fewer rows, fewer slots: the same cache
+            assert torch.equal(b, greedy_generate(model, second["input_ids"], second["attention_mask"], 12))
+            assert torch.equal(a, greedy_generate(model, first["input_ids"], first["attention_mask"], 12))
+            decoder.generate(first["input_ids"], first["attention_mask"], 200)
+            assert decoder.session is not session  # more slots: a new cache
+    finally:
+        model.eval()
