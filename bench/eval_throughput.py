@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import json
 import logging
 import math
@@ -141,8 +142,8 @@ def probe(model, device: str, vocab: int, batch: int = 32, prompt: int = 800) ->
                               ("sweep_decode_dense", dense_base, ours)):
         with context(model) if context is dense_base else context():
             fn(4)  # warm-up
-            ones = [timed(lambda: fn(1)) for _ in range(2)]
-            manys = [timed(lambda: fn(65)) for _ in range(2)]
+            ones = [timed(functools.partial(fn, 1)) for _ in range(2)]
+            manys = [timed(functools.partial(fn, 65)) for _ in range(2)]
         one, many = min(ones), min(manys)
         out[name] = {"prefill_seconds": one, "step_ms": (many - one) / 64 * 1000, "calls_seconds": ones + manys}
         print(json.dumps({name: out[name]}), flush=True)

@@ -147,7 +147,11 @@ class EvalConfig:
         "Normalised scores below this count as this in the geometric mean, so one zero does not erase a trial.",
         default=0.01,
     )
-    batch_size: int = doc("Log-likelihood requests per forward pass in lm-eval.", default=16)
+    batch_size: int = doc(
+        "Size of a log-likelihood forward pass, as batch_size x 512 tokens of packed rows (a context and "
+        "all its choices share a row).",
+        default=16,
+    )
     dequantize: bool | Literal["auto"] = doc(
         "Score with a dense copy of the 4-bit base and the adapter merged in (the same weights bitsandbytes "
         "dequantizes in every forward pass, computed once): several times faster decoding, for the base's "

@@ -87,7 +87,8 @@ def free_bytes(device, memory_budget_gib: float | None) -> int | None:
 
 
 def use_dense(model, mode: bool | str, device, memory_budget_gib: float | None) -> bool:
-    """Whether scoring should use `dense_base`: `mode` true/false, or `auto` (on a GPU, when it fits in half the free memory)."""
+    """Whether scoring uses `dense_base`: `mode` true or false, or `auto`: on a GPU, when the copy fits in
+    half the free memory."""
     if mode is True or mode is False:
         return mode and bool(quantized_linears(model))
     size = dense_bytes(model)

@@ -74,7 +74,8 @@ def evaluate(
         tokenizer: its tokenizer, passed explicitly.
         tasks: the tasks; local ones must already have a YAML in `task_dir`.
         task_dir: directory of local task YAML files, or None.
-        batch_size: requests per forward pass.
+        batch_size: sizes a log-likelihood forward pass (batch_size x 512
+            tokens); on CPU, also the generation batch.
         generation: greedy decoding settings of generation tasks (max new
             tokens, stop sequences, batch size); None: each task's own.
         dequantize: score with a dense copy of the 4-bit base and the adapter
