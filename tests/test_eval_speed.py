@@ -28,16 +28,24 @@ def adapted(demo_base_dir):
     return model, load_tokenizer(config)
 
 
-def _logits(model, ids):
-    # Train mode (dropout is 0) keeps bitsandbytes on its dequantize-then-matmul path, the one GPUs take
-    # for batched inputs; in eval mode on CPUs with AVX512-BF16 it switches to a repacked kernel that
-    # rounds differently.
+@contextlib.contextmanager
+def _dequantize_then_matmul(model):
+    """Runs the block with bitsandbytes on its dequantize-then-matmul path, the one GPUs take for batched inputs.
+
+    Train mode (dropout is 0) keeps it there; in eval mode on CPUs with AVX512-BF16 it switches to a
+    repacked kernel that rounds differently. No gradients either way.
+    """
     model.train()
     try:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()
+            yield
     finally:
         model.eval()
+
+
+def _logits(model, ids):
+    with _dequantize_then_matmul(model):
+        return model(input_ids=ids).logits.float()
 
 
 def test_dense_copy_gives_the_4bit_models_logits_and_restores_it(adapted):
@@ -103,13 +111,9 @@ def test_greedy_generation_is_the_same_with_the_dense_copy(adapted):
     batch = tok(prompts, return_tensors="pt", padding=True)
 
     def generate():
-        model.train()  # the dequantize-then-matmul path (see _logits)
-        try:
-            with torch.no_grad():
-                return model.generate(**batch, max_new_tokens=16, do_sample=False, use_cache=True,
-                                      pad_token_id=tok.pad_token_id)
-        finally:
-            model.eval()
+        with _dequantize_then_matmul(model):
+            return model.generate(**batch, max_new_tokens=16, do_sample=False, use_cache=True,
+                                  pad_token_id=tok.pad_token_id)
 
     reference = generate()
     with dense_base(model):
@@ -170,36 +174,32 @@ def test_greedy_decode_loop_matches_generate_and_stops_early(adapted):
     batch = tok(["Summarize: the river city market report", "Question: 12 plus 7 is",
                  "The quick brown fox jumps over the lazy dog and more words"], return_tensors="pt", padding=True)
     prompt = batch["input_ids"].shape[1]
-    model.train()  # the dequantize-then-matmul path (see _logits)
-    try:
-        with torch.no_grad():
-            reference = model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
-            ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 20,
-                                   pad_token_id=tok.pad_token_id)
-            assert torch.equal(ours, reference)
+    with _dequantize_then_matmul(model):
+        reference = model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+        ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 20,
+                               pad_token_id=tok.pad_token_id)
+        assert torch.equal(ours, reference)
 
-            # An end-of-sequence token: the row is padded after its first one, as generate does.
-            eos = int(reference[0, prompt + 5])
-            stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 20, eos_token_id=eos,
-                                      pad_token_id=tok.pad_token_id)
-            expected = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                                      pad_token_id=tok.pad_token_id)
-            assert torch.equal(stopped[:, : expected.shape[1]], expected)
-            assert (stopped[:, expected.shape[1]:] == tok.pad_token_id).all()
+        # An end-of-sequence token: the row is padded after its first one, as generate does.
+        eos = int(reference[0, prompt + 5])
+        stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 20, eos_token_id=eos,
+                                  pad_token_id=tok.pad_token_id)
+        expected = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=tok.pad_token_id)
+        assert torch.equal(stopped[:, : expected.shape[1]], expected)
+        assert (stopped[:, expected.shape[1]:] == tok.pad_token_id).all()
 
-            # Every row finished by the first check: decoding ends there, not at max_new_tokens.
-            calls = []
+        # Every row finished by the first check: decoding ends there, not at max_new_tokens.
+        calls = []
 
-            def stop_check(rows):
-                calls.append(len(rows[0]))
-                return [True] * len(rows)
+        def stop_check(rows):
+            calls.append(len(rows[0]))
+            return [True] * len(rows)
 
-            early = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 40, stop_check=stop_check,
-                                    pad_token_id=tok.pad_token_id, check_every=4)
-            assert calls == [4] and early.shape[1] == prompt + 4
-            assert torch.equal(early, reference[:, : prompt + 4])
-    finally:
-        model.eval()
+        early = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 40, stop_check=stop_check,
+                                pad_token_id=tok.pad_token_id, check_every=4)
+        assert calls == [4] and early.shape[1] == prompt + 4
+        assert torch.equal(early, reference[:, : prompt + 4])
 
 
 def test_shared_prefix_loglikelihoods_match_lm_evals_one_pass_per_choice(adapted):
@@ -217,15 +217,12 @@ def test_shared_prefix_loglikelihoods_match_lm_evals_one_pass_per_choice(adapted
         context = tok(q, add_special_tokens=False)["input_ids"]
         for c in choices:
             requests.append(((q, c), context, tok(c, add_special_tokens=False)["input_ids"]))
-    model.train()  # the dequantize-then-matmul path (see _logits)
-    try:
+    with _dequantize_then_matmul(model):
         ours = lm._loglikelihood_tokens(requests)
         theirs = HFLM._loglikelihood_tokens(lm, requests)
         # Rows split when a context's continuations do not fit, and one row per forward pass.
         longest = max(len(c) for _, c, _ in requests)
         split = shared_prefix_loglikelihoods(model, [(c, k) for _, c, k in requests], longest + 6, token_budget=1)
-    finally:
-        model.eval()
     assert len(ours) == len(theirs) == 15
     assert len({round(v, 3) for v, _ in theirs}) > 10  # the choices do differ
     assert [v for v, _ in split] == pytest.approx([v for v, _ in ours], abs=1e-3)
@@ -296,16 +293,12 @@ def test_decoder_reuses_its_cache_for_smaller_batches(adapted):
                 return_tensors="pt", padding=True)
     second = tok(["A short one", "Question: 3 plus 4 is"], return_tensors="pt", padding=True)
     decoder = GreedyDecoder(model)
-    model.train()  # the dequantize-then-matmul path (see _logits)
-    try:
-        with torch.no_grad():
-            a = decoder.generate(first["input_ids"], first["attention_mask"], 12)
-            session = decoder.session
-            b = decoder.generate(second["input_ids"], second["attention_mask"], 12)
-            assert decoder.session is session  # fewer rows, fewer slots: the same cache
-            assert torch.equal(b, greedy_generate(model, second["input_ids"], second["attention_mask"], 12))
-            assert torch.equal(a, greedy_generate(model, first["input_ids"], first["attention_mask"], 12))
-            decoder.generate(first["input_ids"], first["attention_mask"], 200)
-            assert decoder.session is not session  # more slots: a new cache
-    finally:
-        model.eval()
+    with _dequantize_then_matmul(model):
+        a = decoder.generate(first["input_ids"], first["attention_mask"], 12)
+        session = decoder.session
+        b = decoder.generate(second["input_ids"], second["attention_mask"], 12)
+        assert decoder.session is session  # fewer rows, fewer slots: the same cache
+        assert torch.equal(b, greedy_generate(model, second["input_ids"], second["attention_mask"], 12))
+        assert torch.equal(a, greedy_generate(model, first["input_ids"], first["attention_mask"], 12))
+        decoder.generate(first["input_ids"], first["attention_mask"], 200)
+        assert decoder.session is not session  # more slots: a new cache
