@@ -101,6 +101,7 @@ def load_base_model(config: ModelConfig, device: str | None = None, attn_impleme
             raise
         model = load("sdpa")
     model.config.use_cache = False
+    keep_training_layout(model)
     return model
 
 
@@ -126,6 +127,73 @@ def attach_lora(model, config: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, lora)
+
+
+def detach_lora(model):
+    """Removes the LoRA adapter from a `PeftModel` and returns the bare base, as it was before `attach_lora`.
+
+    What a base kept loaded across trials needs: the 4-bit layers come back
+    unchanged (the adapter is dropped, never merged), in their training layout,
+    and no adapter module, config or hook survives into the next trial.
+    """
+    restore_training_layout(model)
+    base = model.unload() if hasattr(model, "unload") else model
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(base):  # set on the instance by peft; the class may have its own default
+            delattr(base, attr)
+    base.eval()
+    return base
+
+
+_TRAINING_LAYOUT = "_sweep_training_layout"
+
+
+def keep_training_layout(model) -> None:
+    """Remembers each 4-bit weight and its quantization state as loaded, for `restore_training_layout`.
+
+    Only where bitsandbytes may repack them (CPUs with AVX512-BF16). The
+    weight tensor is shared, not copied, until a repack replaces it.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            weight = module.weight
+            if weight.device.type == "cpu" and not getattr(weight.quant_state, "packing_format_for_cpu", False):
+                setattr(module, _TRAINING_LAYOUT, (weight.data, copy.deepcopy(weight.quant_state)))
+
+
+def restore_training_layout(model) -> None:
+    """Puts 4-bit weights that bitsandbytes repacked for CPU inference back into the layout training needs.
+
+    On CPUs with AVX512-BF16, the first forward of a Linear4bit in eval mode
+    without grad repacks its weight for a faster inference kernel, and that
+    layout has no backward. Scoring a model and then training it again (a
+    rung's quick eval, the next trial on a resident base) needs the original
+    layout back. The repack rounds the quantization constants to bfloat16, so
+    the weights are restored from what `keep_training_layout` kept (exact);
+    bitsandbytes' own inverse (close, not exact) is the fallback.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if not isinstance(module, bnb.nn.Linear4bit) or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        kept = getattr(module, _TRAINING_LAYOUT, None)
+        if kept is not None:
+            weight.data, weight.quant_state = kept[0], copy.deepcopy(kept[1])  # the repack mutates its state
+        else:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = weight.quant_state
 
 
 def save_adapter(model, out_dir: str | Path, model_config: ModelConfig, hyperparameters: dict) -> Path:

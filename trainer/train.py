@@ -24,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -68,6 +68,8 @@ class TrainResult:
     num_layers: int
     losses: tuple[tuple[int, float], ...] = ()
     """(step, loss) of every logged step."""
+    planned_steps: int = 0
+    """Steps the run was set to train; more than `steps` when a checkpoint callback stopped it early."""
 
 
 class TrainingOutOfMemory(RuntimeError):
@@ -401,6 +403,8 @@ def train(
     seed: int,
     memory_budget_gib: Optional[float] = None,
     on_step: Optional[Callable[[int, float], None]] = None,
+    checkpoints: Sequence[float] = (),
+    on_checkpoint: Optional[Callable[[int], bool]] = None,
 ) -> TrainResult:
     """Trains the LoRA parameters of `model` (a PeftModel) on `rows`.
 
@@ -414,6 +418,11 @@ def train(
         memory_budget_gib: GPU memory the run may use (the profile's cap);
             `gradient_checkpointing: auto` plans within it. None: the card's.
         on_step: called with (step, loss) after each optimizer step.
+        checkpoints: fractions of the planned steps (e.g. 0.25, 0.5) at which
+            `on_checkpoint` is called (multi-fidelity rungs).
+        on_checkpoint: called with the step at each checkpoint, after the
+            optimizer step; returning True stops the run there (the result
+            then has `steps` < `planned_steps`).
 
     Raises:
         TrainingOutOfMemory: the GPU ran out of memory (the message names the micro-batch).
@@ -435,6 +444,8 @@ def train(
     full_steps = max(1, math.ceil(batches.per_epoch * config.epochs / accumulation))
     steps = min(config.max_steps, full_steps) if config.max_steps is not None else full_steps
     full_run_tokens = int(sum(batches.lengths) * config.epochs)
+    checkpoint_steps = checkpoint_steps_of(checkpoints, steps)
+    planned = steps
 
     if on_gpu:  # never plan for more than the card has (a profile bigger than the card)
         card_gib = torch.cuda.get_device_properties(device).total_memory / GIB
@@ -495,6 +506,9 @@ def train(
             losses.append((step, step_loss))
             if on_step is not None:
                 on_step(step, step_loss)
+            if on_checkpoint is not None and step in checkpoint_steps and on_checkpoint(step):
+                steps = step
+                break
         if on_gpu:
             torch.cuda.synchronize(device)
     except torch.OutOfMemoryError:
@@ -533,7 +547,13 @@ def train(
         checkpointed_layers=checkpointed,
         num_layers=len(decoder_layers(model)),
         losses=tuple(losses),
+        planned_steps=planned,
     )
+
+
+def checkpoint_steps_of(fractions: Sequence[float], steps: int) -> list[int]:
+    """The steps (1..steps-1) at `fractions` of a run of `steps` steps; the last step is never one."""
+    return sorted({max(1, round(f * steps)) for f in fractions if 0 < f < 1} - {steps})
 
 
 def _bf16_compute(model) -> bool:
