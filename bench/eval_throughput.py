@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mistral-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=16, help="evaluator.batch_size (log-likelihood)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="evaluator.batch_size (log-likelihood), as in configs/mistral-7b-a100.yaml")
     parser.add_argument("--gen-batch-size", default="auto", help="evaluator.generation.batch_size")
     parser.add_argument("--dequantize", default="auto", choices=("auto", "true", "false"),
                         help="evaluator.dequantize")
@@ -166,14 +167,16 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=200, help="the trial's max_steps")
     parser.add_argument("--pack-length", type=int, default=8192)
     parser.add_argument("--probe", action="store_true", help="also time decode steps of each scoring variant")
-    parser.add_argument("--cprofile", metavar="TASK", help="print the Python profile of scoring this task")
+    parser.add_argument("--cprofile", metavar="TASKS", default="",
+                        help="print the Python profile of scoring these tasks (comma-separated)")
     # Generation first: it dominates, and a run cut short still measures it.
     parser.add_argument("--tasks", default="gsm8k,cnn_dailymail_abisee,hendrycks_math,ethics_x5,mmlu,truthfulqa_mc1,"
                                            "bbq,bigbench_anachronisms,bigbench_analogical_similarity")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sweep-bench"))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(name)s: %(message)s")
+    logging.getLogger("evaluator").setLevel(logging.DEBUG)  # per-batch decode and scoring timings
 
     import torch
     from trainer_throughput import _set_cap, build_base
@@ -233,13 +236,15 @@ def main(argv=None) -> int:
         metric = "acc" if kind == "multiple_choice" else "exact_match"
         task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"),
                           max_new_tokens=MAX_NEW_TOKENS.get(name))
-        profiler = cProfile.Profile() if name == args.cprofile else None
+        profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
         profiler.enable() if profiler else None
         evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation,
                              dequantize=False, memory_budget_gib=args.memory_cap_gib)
         if profiler:
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(25)
         result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
                                  "seconds": evaluated.eval_seconds}
         print(json.dumps({name: result["tasks"][name]}), flush=True)

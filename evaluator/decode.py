@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
 
 ATTENTION = "sweep_decode"
+GROUPED_SDPA = True
 
 
 def _register_attention() -> None:
@@ -46,11 +48,19 @@ def _register_attention() -> None:
                                           scaling=scaling, **kwargs)
         batch, heads, _, dim = query.shape
         kv_heads, length = key.shape[1], key.shape[2]
+        # The query heads sharing a key/value head become that head's queries: one fused kernel reads each
+        # key/value head once for all of them (a decode step's one token needs no causal mask).
         q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
+        mask = None
         if attention_mask is not None:
             mask = attention_mask[..., :length].reshape(batch, 1, 1, length)
-            scores = scores.masked_fill(~mask if mask.dtype == torch.bool else mask < 0, float("-inf"))
+            mask = mask if mask.dtype == torch.bool else mask >= 0
+        if GROUPED_SDPA:
+            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+            return out.reshape(batch, 1, heads, dim), None
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)  # [batch, kv_heads, group, dim]
         return out.reshape(batch, 1, heads, dim), None
 
@@ -142,6 +152,7 @@ class GreedyDecoder:
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         check_every: int = 16,
+        prefill_rows: int | None = None,
     ):
         """Greedy continuation of a left-padded batch; returns prompt and new tokens, as `generate` does.
 
@@ -152,6 +163,7 @@ class GreedyDecoder:
                 `check_every` steps; returns which rows are finished.
             eos_token_id: a row that emits it is finished and padded after it.
             pad_token_id: what follows a row's end of sequence.
+            prefill_rows: rows prefilled at once (`evaluator.fast.generation_plan`); None: all.
         """
         import torch
 
@@ -169,8 +181,16 @@ class GreedyDecoder:
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
         with _decode_attention(self.core):
             out = session.generate(input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id,
-                                   pad_token_id, check_every)
+                                   pad_token_id, check_every, prefill_rows or session.batch)
         return out[:rows]
+
+
+    def cache_bytes(self) -> int:
+        """Bytes the kept static cache holds (freed when a batch needs a bigger one)."""
+        if self.session is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self.session.cache.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
 
 def greedy_generate(model, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool = True, **kwargs):
@@ -195,28 +215,71 @@ class _Session:
         self.step = _Step(core, self.cache, self.valid, self.position, self.slot, self.takes_cache_position)
         self.use_graph = cuda_graph and torch.device(device).type == "cuda"
 
+    def _prefill(self, input_ids, positions, width: int):
+        """Runs the prompts through the model into the static cache; returns each row's next token."""
+        import torch
+
+        prompt = input_ids.shape[1]
+        kwargs = {"cache_position": torch.arange(prompt, device=input_ids.device)} if self.takes_cache_position else {}
+        out = self.core(input_ids=input_ids, attention_mask=_prefill_mask(self.valid, prompt, width)[:, None],
+                        position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1].argmax(-1)
+
+    def _prefill_rows(self, input_ids, positions, start: int, end: int):
+        """The prefill of rows `start:end` alone, into a cache of their own that is then copied into the static one.
+
+        The static cache's batch is fixed, so a chunk of rows cannot write into it
+        directly. Chunks bound the prefill's activations, which would otherwise
+        decide how many rows can decode at once.
+        """
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        prompt = input_ids.shape[1]
+        # Keys of an aligned length (see `slots`): masked padding on the left, dropped when copied.
+        pad = -prompt % 64
+        valid = F.pad(self.valid[start:end, :prompt], (pad, 0), value=False)
+        own = DynamicCache()
+        out = self.core(input_ids=F.pad(input_ids[start:end], (pad, 0)),
+                        attention_mask=_prefill_mask(valid, prompt + pad, prompt + pad)[:, None],
+                        position_ids=F.pad(positions[start:end], (pad, 0)), past_key_values=own, use_cache=True,
+                        logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1)
+        for layer, part in zip(self.cache.layers, own.layers, strict=True):
+            if not layer.is_initialized:
+                shape = (self.batch, part.keys.shape[1], self.slots, part.keys.shape[3])
+                layer.lazy_initialization(part.keys.new_empty(shape), part.values.new_empty(shape))
+            layer.keys[start:end, :, :prompt].copy_(part.keys[:, :, pad:])
+            layer.values[start:end, :, :prompt].copy_(part.values[:, :, pad:])
+        return token
+
     def generate(self, input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id, pad_token_id,
-                 check_every):
+                 check_every, prefill_rows):
         import torch
 
         batch, prompt = input_ids.shape
         device = input_ids.device
-        core, slots = self.core, self.slots
+        slots = self.slots
+        started = time.perf_counter()
         self.cache.reset()  # zeroes the buffers in place: a captured graph stays valid
         self.valid.zero_()
         self.valid[:, :prompt] = attention_mask.bool()
-        # Prefill: causal over the prompt, never onto padding; each query may always see itself, so a padding
-        # row never has every key masked (sdpa would return NaN there and the cache would carry it).
-        causal = torch.ones((prompt, slots), dtype=torch.bool, device=device).tril()
-        mask = causal[None] & self.valid[:, None, :]
-        mask[:, torch.arange(prompt), torch.arange(prompt)] = True
+        # Prefill: causal over the prompt, never onto padding (`_prefill_mask`), in chunks of `prefill_rows`.
+        # Padding rows' cache stays zero: their attention is finite and their tokens are dropped.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs = {"cache_position": torch.arange(prompt, device=device)} if self.takes_cache_position else {}
         with torch.no_grad():
-            out = core(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
-                       past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
-        token = out.logits[:, -1].argmax(-1)
-        del out, mask, causal
+            if (prefill_rows >= batch and rows == batch) or not _copyable(self.cache):
+                token = self._prefill(input_ids, positions, slots)
+            else:  # in chunks; the padding rows, finished from the start, are not prefilled at all
+                step = min(prefill_rows, rows)
+                token = torch.cat([self._prefill_rows(input_ids, positions, start, min(rows, start + step))
+                                   for start in range(0, rows, step)]
+                                  + [torch.zeros(batch - rows, dtype=torch.long, device=device)])
+                for layer in self.cache.layers:  # where the next write goes, for versions that count it
+                    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                        layer.cumulative_length.fill_(prompt)
+        prefilled = _synced(device)
+        capture = 0.0
 
         new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.position.copy_(positions[:, -1:])
@@ -237,17 +300,50 @@ class _Session:
                 self.step.ids.copy_(token[:, None])
                 if i == 2 and self.use_graph and self.step.graph is None:
                     # A couple of eager steps first: lazy allocations happen outside the graph.
-                    torch.cuda.synchronize()
+                    capture = -_synced(device)
                     self.use_graph = self.step.capture()
+                    capture += _synced(device)
                 token = self.step.run()
                 self.slot.add_(1)
         new = new[:, :done]
+        log.debug("decoded %d rows: prefill of %d tokens %.2fs, %d steps %.2fs (graph capture %.2fs)",
+                  rows, prompt, prefilled - started, done, _synced(device) - prefilled - capture, capture)
         if eos_token_id is not None:
             # After a row's first end-of-sequence token: padding, as generate leaves it.
             is_eos = new == eos_token_id
             seen = is_eos.long().cumsum(-1)
             new = new.masked_fill((seen > 0) & ~(is_eos & (seen == 1)), pad_token_id)
         return torch.cat([input_ids, new], dim=1)
+
+
+def _prefill_mask(valid, prompt: int, width: int):
+    """[rows, prompt, width] attention of the prompt's tokens: causal, never onto padding.
+
+    Each query may always see itself, so a padding row never has every key
+    masked (sdpa would return NaN there and the cache would carry it).
+    """
+    import torch
+
+    causal = torch.ones((prompt, width), dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :width]
+    mask[:, torch.arange(prompt), torch.arange(prompt)] = True
+    return mask
+
+
+def _copyable(cache) -> bool:
+    """Whether a chunk's keys and values can be copied into the static cache's layers (transformers >= 4.56)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "lazy_initialization") and hasattr(layer, "is_initialized")
+                                for layer in layers)
+
+
+def _synced(device) -> float:
+    """The time once the device has finished its queued work."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _all_finished(new, finished, stop_check, eos_token_id) -> bool:

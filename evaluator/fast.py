@@ -17,6 +17,7 @@ uses it only when that fits in half the memory free under the cap.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 GIB = 2**30
 
@@ -176,16 +177,38 @@ def prefill_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return (6 * intermediate + 8 * config.hidden_size) * dtype_bytes
 
 
-def generation_batch_size(
-    config, free: int | None, context_tokens: int, new_tokens: int, requests: int, fallback: int, limit: int = 256
-) -> int:
-    """Sequences to decode at once: as many as the KV cache and the prefill fit in 80% of `free` bytes.
+PREFILL_TOKENS = 16384
+"""Prompt tokens prefilled at once when a generation batch is prefilled in chunks."""
 
-    Off the GPU (`free` None) it is `fallback`. Never more than `requests` or `limit`.
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    rows: int
+    """Sequences decoded at once."""
+    prefill_rows: int
+    """Sequences prefilled at once (a chunk of `rows`): the prefill's activations need not fit for all rows."""
+
+
+def generation_plan(
+    config, free: int | None, context_tokens: int, new_tokens: int, requests: int, fallback: int, limit: int = 256
+) -> GenerationPlan:
+    """How many sequences to decode at once, and to prefill at once, in 80% of `free` bytes.
+
+    Decoding keeps each sequence's KV cache; the prefill also needs its
+    activations and, when it runs in chunks, the chunk's own KV cache before it
+    is copied in. So the prefill runs in chunks of about `PREFILL_TOKENS`
+    tokens and the rest of the memory goes to decoding rows. Off the GPU
+    (`free` None) both are `fallback`. Never more than `requests` or `limit`.
     """
     if free is None:
-        return max(1, min(fallback, requests))
-    per_sequence = kv_bytes_per_token(config) * (context_tokens + new_tokens) + prefill_bytes_per_token(
-        config
-    ) * context_tokens + 4 * getattr(config, "vocab_size", 32000)
-    return max(1, min(limit, requests, int(0.8 * free // per_sequence)))
+        rows = max(1, min(fallback, requests))
+        return GenerationPlan(rows, rows)
+    budget = 0.8 * free
+    kv_token, activations = kv_bytes_per_token(config), prefill_bytes_per_token(config)
+    per_row = kv_token * (context_tokens + new_tokens) + 4 * getattr(config, "vocab_size", 32000)
+    whole = int(budget // (per_row + activations * context_tokens))  # prefilled all at once
+    chunk_rows = max(1, PREFILL_TOKENS // max(1, context_tokens))
+    chunked = int((budget - chunk_rows * context_tokens * (activations + kv_token)) // per_row)
+    rows = max(1, min(limit, requests, max(whole, chunked)))
+    prefill_rows = rows if whole >= rows else min(rows, chunk_rows)
+    return GenerationPlan(rows, prefill_rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from evaluator.config import GenerationConfig, TaskConfig
-from evaluator.fast import dense_base, free_bytes, generation_batch_size, use_dense
+from evaluator.fast import dense_base, free_bytes, generation_plan, use_dense
 
 log = logging.getLogger(__name__)
 # Generation settings that do not change a greedy decode.
@@ -193,6 +193,7 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
 
     class SweepLM(HFLM):
         decoder = None  # a GreedyDecoder, made at the first generation request and kept for the next ones
+        prefill_rows = None  # rows prefilled at once (the memory plan of the current requests); None: all
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             kwargs = dict(generation_kwargs)
@@ -213,14 +214,25 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
                 attention_mask if attention_mask is not None else torch.ones_like(context),
                 max_length - context.shape[1], stop_check=finished, eos_token_id=self.eot_token_id,
                 pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+                prefill_rows=self.prefill_rows,
             )
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            pairs = [req.args for req in requests]
+            if self.backend != "causal" or any(context == "" for context, _ in pairs):
+                return super().loglikelihood(requests, disable_tqdm)
+            encoded = encode_pairs(self, pairs)
+            return self._loglikelihood_tokens([(pair, *enc) for pair, enc in zip(pairs, encoded, strict=True)],
+                                              disable_tqdm=disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if self.backend != "causal" or any(len(c) + len(k) > self.max_length for _, c, k in requests):
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            started = time.perf_counter()
             results = shared_prefix_loglikelihoods(
                 self.model, [(c, k) for _, c, k in requests], self.max_length, token_budget=batch_size * 512
             )
+            log.debug("scored %d continuations in %.2fs", len(requests), time.perf_counter() - started)
             for (request, _, _), answer in zip(requests, results, strict=True):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
             return results
@@ -228,14 +240,19 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not requests:
                 return []
-            size = planned
+            size, self.prefill_rows = planned, None
             if size == "auto":
                 contexts = max(len(self.tok_encode(r.args[0])) for r in requests)
                 new = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
                 free = free_bytes(self.device, budget_gib)
-                size = generation_batch_size(self.model.config, free, contexts, new, len(requests), batch_size)
-                log.info("decoding %d requests %d at a time (prompts up to %d tokens, up to %d new)",
-                         len(requests), size, contexts, new)
+                if free is not None and self.decoder is not None:  # the kept cache goes if the plan needs more
+                    free += self.decoder.cache_bytes()
+                plan = generation_plan(self.model.config, free, contexts, new, len(requests), batch_size)
+                # Even batches: a short last batch would decode as slowly as a full one (its cache is as wide).
+                size = -(-len(requests) // -(-len(requests) // plan.rows))
+                self.prefill_rows = min(size, plan.prefill_rows)
+                log.info("decoding %d requests %d at a time, prefilled %d at a time (prompts up to %d tokens, "
+                         "up to %d new)", len(requests), size, self.prefill_rows, contexts, new)
             saved = self.batch_size_per_gpu
             self.batch_size_per_gpu = size
             try:
@@ -244,6 +261,43 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
                 self.batch_size_per_gpu = saved
 
     return SweepLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def encode_pairs(lm, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each (context, continuation), as lm-eval's `_encode_pair` makes them, in a few batched calls.
+
+    lm-eval tokenizes each request twice, one call at a time (the context, and
+    context plus continuation); a multiple-choice document repeats its context
+    once per choice. Here each distinct text is tokenized once, in batches.
+    As in `_encode_pair`, a context's trailing spaces move to its continuation,
+    and the continuation's tokens are what the whole has past the context's.
+    """
+    split = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        split.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
+    texts = list(dict.fromkeys(t for context, continuation in split for t in (context, context + continuation)))
+    tokens = dict(zip(texts, _encode_texts(lm, texts), strict=True))
+    out = []
+    for context, continuation in split:
+        context_ids = tokens[context]
+        out.append((context_ids, tokens[context + continuation][len(context_ids):]))
+    return out
+
+
+def _encode_texts(lm, texts: list[str]) -> list[list[int]]:
+    """`lm.tok_encode` of each text, batched: texts that start with the BOS string get no special tokens."""
+    bos = lm.tokenizer.decode(lm.prefix_token_id)
+    default = {} if lm.add_bos_token is None else {"add_special_tokens": lm.add_bos_token}
+    groups: dict[bool, list[int]] = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(bool(bos) and text.startswith(bos), []).append(i)
+    out: list[list[int]] = [[] for _ in texts]
+    for has_bos, indices in groups.items():
+        kwargs = {"add_special_tokens": False} if has_bos else default
+        for i, ids in zip(indices, lm.tokenizer([texts[i] for i in indices], **kwargs)["input_ids"], strict=True):
+            out[i] = list(ids)
+    return out
 
 
 def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):

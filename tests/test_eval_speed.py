@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evaluator.config import GenerationConfig, TaskConfig
-from evaluator.fast import dense_base, dense_bytes, generation_batch_size, quantized_linears, use_dense
+from evaluator.fast import GenerationPlan, dense_base, dense_bytes, generation_plan, quantized_linears, use_dense
 from trainer.config import LoraConfig, ModelConfig
 
 
@@ -121,18 +121,23 @@ def test_greedy_generation_is_the_same_with_the_dense_copy(adapted):
     assert torch.equal(dense, reference)
 
 
-def test_generation_batch_fits_the_kv_cache_in_free_memory():
+def test_generation_plan_fits_the_kv_cache_and_a_prefill_chunk_in_free_memory():
     from transformers import MistralConfig
 
     config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
-    # Mistral-7B: 128 KiB of KV cache a token; 800 + 192 tokens a sequence plus the prefill's MLP activations.
-    per_sequence = 131072 * 992 + (6 * 14336 + 8 * 4096) * 2 * 800 + 4 * 32000
+    # Mistral-7B: 128 KiB of KV cache a token; 800 + 192 tokens a sequence. A prefill chunk holds 16384 // 800
+    # = 20 prompts: their MLP activations and their own KV cache before it is copied in.
+    per_row = 131072 * 992 + 4 * 32000
+    chunk = 20 * 800 * ((6 * 14336 + 8 * 4096) * 2 + 131072)
     free = 20 * 2**30
-    assert generation_batch_size(config, free, 800, 192, 1000, 16) == int(0.8 * free // per_sequence)
-    assert generation_batch_size(config, free, 800, 192, 10, 16) == 10  # never more than the requests
-    assert generation_batch_size(config, 1, 800, 192, 100, 16) == 1
-    assert generation_batch_size(config, None, 800, 192, 100, 16) == 16  # off the GPU: the configured size
+    plan = generation_plan(config, free, 800, 192, 1000, 16)
+    assert plan == GenerationPlan(int((0.8 * free - chunk) // per_row), 20)
+    assert plan.rows * per_row + chunk <= 0.8 * free
+    # Fewer requests than fit: all of them, prefilled at once when their activations fit too.
+    assert generation_plan(config, free, 800, 192, 10, 16) == GenerationPlan(10, 10)
+    assert generation_plan(config, 1, 800, 192, 100, 16) == GenerationPlan(1, 1)
+    assert generation_plan(config, None, 800, 192, 100, 16) == GenerationPlan(16, 16)  # off the GPU: as configured
 
 
 @pytest.mark.gpu
@@ -302,3 +307,40 @@ def test_decoder_reuses_its_cache_for_smaller_batches(adapted):
         assert torch.equal(a, greedy_generate(model, first["input_ids"], first["attention_mask"], 12))
         decoder.generate(first["input_ids"], first["attention_mask"], 200)
         assert decoder.session is not session  # more slots: a new cache
+
+
+def test_prefill_in_chunks_of_rows_decodes_the_same(adapted):
+    from evaluator.decode import GreedyDecoder, greedy_generate
+
+    model, tok = adapted
+    tok.padding_side = "left"
+    batch = tok(["Summarize: the river city market report", "Question: 12 plus 7 is", "The quick brown fox",
+                 "One more prompt of a middling length"], return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with _dequantize_then_matmul(model):
+        whole = greedy_generate(model, ids, mask, 16)
+        for rows in (1, 3):  # chunks that divide the batch, and one that leaves a remainder
+            assert torch.equal(greedy_generate(model, ids, mask, 16, prefill_rows=rows), whole)
+        decoder = GreedyDecoder(model)
+        decoder.generate(ids, mask, 16, prefill_rows=2)
+    config = model.config
+    slots = -(-(ids.shape[1] + 16) // 64) * 64
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert decoder.cache_bytes() == 2 * config.num_hidden_layers * 4 * config.num_key_value_heads * slots * head_dim * 4
+
+
+def test_batched_tokenization_equals_lm_evals_encode_pair(adapted):
+    from evaluator.harness import _language_model, encode_pairs
+
+    model, tok = adapted
+    lm = _language_model(model, tok, 4, None, None)
+    bos = tok.decode(lm.prefix_token_id)
+    pairs = [
+        ("Question: which is even?\nAnswer:", " two"),
+        ("Question: which is even?\nAnswer:", " one"),  # a context repeated once per choice
+        ("Trailing spaces move to the continuation:  ", "yes"),
+        ("Q: 12 plus 7 is\nA:", " 19 and more words"),
+        (bos + "A context that starts with the BOS string", " B"),
+        ("Joined words", "together"),  # a continuation that merges with the context's last word
+    ]
+    assert encode_pairs(lm, pairs) == [lm._encode_pair(c, k) for c, k in pairs]
