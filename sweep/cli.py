@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--study", help="study name (default: study.name of the config)")
     start.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
     start.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
+    start.add_argument("--concurrency", type=_positive_int,
+                       help="trials in flight at once (default: every GPU of the Ray cluster; 1 on cpu)")
+    start.add_argument("--budget-hours", type=_positive_float, metavar="H",
+                       help="GPU-hours (slot-hours on cpu) this start may use; no trial starts that would not fit")
+    start.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                       help="start no trial that would not finish within SECONDS of the start")
     start.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted path, e.g. trainer.max_steps=50 (repeatable)")
 
@@ -94,8 +100,10 @@ def cmd_start(args) -> int:
     from sweep.config import ConfigError, load_config
     from sweep.gpus import GpuError, resolve_profile
 
+    flags = {"concurrency": args.concurrency, "budget_hours": args.budget_hours, "timeout_seconds": args.timeout}
+    overrides = [*args.overrides, *(f"orchestration.{k}={v}" for k, v in flags.items() if v is not None)]
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
         address = args.address or config.orchestration.ray_address
         profile = resolve_profile(args.gpu, local_check=address is None)
     except (ConfigError, GpuError) as e:
@@ -279,6 +287,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 

@@ -43,10 +43,38 @@ class StudyConfig:
         "is infeasible (an Optuna constraint); the challenge allows 24 hours.",
         default=24.0,
     )
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = doc(
+        "Optuna pruner that stops weak trials at their rungs (rebuilt from the config at every start: "
+        "Optuna does not store it).",
+        default="successive_halving",
+    )
+    rungs: list[float] = doc(
+        "Fractions of a trial's planned steps at which it runs a quick eval, reports (step, value) and may be "
+        "pruned.",
+        default_factory=lambda: [0.25, 0.5],
+    )
+    rung_eval_docs: int = doc(
+        "A rung's quick eval: the objective suite with each task limited to its first N documents.", default=32
+    )
+    reduction_factor: int = doc(
+        "successive_halving and hyperband: 1 in this many trials goes on at each rung; rungs at the same "
+        "ratio (e.g. 0.25, 0.5 with 2) line the pruner's rungs up with the reports.",
+        default=2,
+    )
+    pruner_startup_trials: int = doc("median: trials that run to the end before any is pruned.", default=2)
 
     def validate(self) -> None:
         if not self.name:
             raise ValueError("name: must be a non-empty string")
+        for i, f in enumerate(self.rungs):
+            if not 0 < f < 1:
+                raise ValueError(f"rungs.{i}: must be a fraction in (0, 1), got {f}")
+        if self.rung_eval_docs < 1:
+            raise ValueError(f"rung_eval_docs: must be >= 1, got {self.rung_eval_docs}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor: must be >= 2, got {self.reduction_factor}")
+        if self.pruner_startup_trials < 0:
+            raise ValueError(f"pruner_startup_trials: must be >= 0, got {self.pruner_startup_trials}")
         if self.n_trials < 1:
             raise ValueError(f"n_trials: must be >= 1, got {self.n_trials}")
         if not self.full_run_hours_limit > 0:
@@ -89,7 +117,40 @@ class OrchestrationConfig:
         "Ray cluster to join (`auto`, `ray://host:10001`); null starts a local Ray.", default=None
     )
     cpus_per_trial: Optional[int] = doc(
-        "CPU cores (and torch threads) per trial; null: all cores on the cpu profile, 4 on a GPU.", default=None
+        "CPU cores (and torch threads) per trial; null: the cores split between the slots on the cpu profile, "
+        "4 on a GPU.",
+        default=None,
+    )
+    concurrency: Optional[int] = doc(
+        "Trials in flight at once (slots; --concurrency); null: every GPU of the Ray cluster on a GPU profile, "
+        "1 on cpu.",
+        default=None,
+    )
+    resident_base: bool = doc(
+        "Each slot keeps the 4-bit base loaded across trials and swaps only the adapter; false: a fresh load "
+        "per trial.",
+        default=True,
+    )
+    memory_growth_margin_gib: float = doc(
+        "A slot whose memory (GPU: torch's allocation; CPU: the process's resident set) grew more than this "
+        "since its first trial is replaced by a fresh one.",
+        default=1.0,
+    )
+    heartbeat_seconds: int = doc(
+        "The driver records a heartbeat for each running trial this often; a RUNNING trial without one for "
+        "3 intervals is stale (its driver died) and fails on the next start.",
+        default=10,
+    )
+    max_retries: int = doc("Times the parameters of a stale trial are run again.", default=2)
+    budget_hours: Optional[float] = doc(
+        "Slot-hours (GPU-hours on a GPU profile) a `sweep start` may use (--budget-hours): no trial starts "
+        "that would not fit, from the durations of finished ones; null: no budget.",
+        default=None,
+    )
+    timeout_seconds: Optional[float] = doc(
+        "Wall-clock seconds a `sweep start` may run (--timeout), trials started within it finishing; "
+        "null: no limit.",
+        default=None,
     )
     trial_timeout_minutes: Optional[float] = doc(
         "A trial running longer than this is cancelled and stored FAIL; null: no limit.", default=None
@@ -101,6 +162,14 @@ class OrchestrationConfig:
     )
 
     def validate(self) -> None:
+        for name in ("concurrency", "budget_hours", "timeout_seconds", "heartbeat_seconds"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be > 0, got {value}")
+        if self.memory_growth_margin_gib <= 0:
+            raise ValueError(f"memory_growth_margin_gib: must be > 0, got {self.memory_growth_margin_gib}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries: must be >= 0, got {self.max_retries}")
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial: must be >= 1, got {self.cpus_per_trial}")
         if self.trial_timeout_minutes is not None and self.trial_timeout_minutes <= 0:

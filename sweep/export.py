@@ -35,6 +35,7 @@ def study_status(study, store: Store) -> dict[str, Any]:
             row.update({name: getattr(rec, name) for name in MEASUREMENTS})
             row["feasible"] = rec.feasible
             row["constraints"] = dict(t.constraints) or None  # Optuna's; > 0: violated
+        row["intermediate"] = [[step, value] for step, value in sorted(t.intermediate_values.items())]
         if t.state.name == "FAIL":
             row["fail_reason"] = t.user_attrs.get("fail_reason") or (rec.fail_reason if rec else None)
         row["started_at"] = _iso(t.datetime_start)

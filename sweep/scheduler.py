@@ -1,10 +1,12 @@
-"""The driver: Ray start-up, the baseline, and the ask -> run -> tell loop over trials.
+"""The driver: Ray start-up, the baseline, and the concurrent ask -> run -> tell loop over trials.
 
-Optuna decides, Ray runs: each trial is one Ray task. On a GPU each trial gets
-a fresh worker process (`max_calls=1`), so no CUDA memory held by one trial's
-4-bit model leaks into the next; on the CPU, workers are reused and a trial
-skips the seconds of importing torch, transformers and lm-eval. Only this
-process writes the database.
+Optuna decides, Ray runs. Trials run on slots (sweep.slots): one Ray actor per
+GPU (or per share of the CPU cores), each keeping its 4-bit base loaded across
+trials unless `orchestration.resident_base` is off. Up to one trial per slot is
+in flight; the driver waits on them with `ray.wait`, drains the mailbox the
+workers report to (steps, losses, rung values), asks the pruner and answers,
+records heartbeats, and tells Optuna how each trial ended. Only this process
+writes the database.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import datetime as dt
 import json
 import logging
 import os
-from dataclasses import dataclass
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,10 +28,11 @@ from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
 from sweep.config import SweepConfig, to_dict, with_params
 from sweep.gpus import GpuError, GpuProfile
+from sweep.progress import Display, Progress, RunningTrial
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
-from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, run_baseline, run_trial
+from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason
 from trainer.data import heldout_docs, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
@@ -37,6 +43,12 @@ _PASSED_ENV = (
     "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "SWEEP_CACHE_DIR",
 )
+
+
+POLL_S = 0.25
+STALE_REASON = "stale: driver died"
+PENDING_ATTR = "pending_trials"
+"""Study attribute: the finished trials (stale ones not counted) the current start is to reach."""
 
 
 class SweepError(RuntimeError):
@@ -52,9 +64,12 @@ class _Run:
     store: Store
     work_dir: Path
     task_dir: str
-    trial_task: Any
-    """`run_trial` as a Ray remote function with the trial's resources."""
-    baseline_task: Any
+    storage: Any
+    """Optuna's storage, with heartbeats."""
+    pool: Any
+    """The trial slots (sweep.slots.SlotPool)."""
+    mailbox: Any
+    """The Ray actor running trials report to (sweep.slots.Mailbox)."""
     cpus_per_trial: int
     device: str
     profile: GpuProfile
@@ -79,42 +94,123 @@ def run_sweep(
     profile: GpuProfile,
     address: Optional[str] = None,
 ) -> SweepOutcome:
-    """Runs `n_trials` more trials of the study, recording each in the storage."""
-    cpus_per_trial = _cpus_per_trial(config, profile)
-    work_dir = Path(config.orchestration.artifacts_dir).expanduser().resolve() / study_name
-    start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
+    """Runs `n_trials` more trials of the study, recording each in the storage.
 
-    study = create_or_load_study(config, make_storage(storage_url), study_name)
+    A study left with RUNNING trials by a driver that died first has them
+    failed (their parameters enqueued again) and, when that start had not
+    reached its count, goes on to reach it instead of adding `n_trials`.
+    """
+    import ray
+
+    from sweep.slots import Mailbox, SlotPool
+
+    orchestration = config.orchestration
+    cpus_per_trial = _cpus_per_trial(config, profile)
+    work_dir = Path(orchestration.artifacts_dir).expanduser().resolve() / study_name
+    start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
+    concurrency = _concurrency(config, profile)
+
+    storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
+    study = create_or_load_study(config, storage, study_name)
     # How `sweep status` picks the submission; the latest start's settings apply.
     evaluator = config.evaluator
     study.set_user_attr("suites", list(evaluator.suite_tasks()))
     study.set_user_attr("optimize", evaluator.objective_suite)
     study.set_user_attr("pick_by", evaluator.pick_by)
     study.set_user_attr("top_k", evaluator.top_k)
+    store = Store(storage_url)
+    n_trials = recover_stale_trials(study, store, n_trials, orchestration.heartbeat_seconds,
+                                    orchestration.max_retries)
+    pool = SlotPool(concurrency, _remote_options(profile, cpus_per_trial), orchestration.resident_base,
+                    orchestration.memory_growth_margin_gib)
     run = _Run(
         config=config,
         study=study,
-        store=Store(storage_url),
+        store=store,
         work_dir=work_dir,
         task_dir=str(prepare_tasks(config, work_dir)),
-        **_ray_tasks(profile, cpus_per_trial),
+        storage=storage,
+        pool=pool,
+        mailbox=ray.remote(Mailbox).options(num_cpus=0).remote(),
         cpus_per_trial=cpus_per_trial,
         device="cuda" if profile.uses_gpu else "cpu",
         profile=profile,
     )
-    run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
-    baseline = run.store.baseline(study_name)
-    missing = {t.name for t in config.evaluator.all_tasks()} - set(baseline["scores"] if baseline else ())
-    if missing:  # first start, or the config gained tasks since the baseline was scored
-        try:
-            _run_baseline(run)
-        except SweepError as e:
-            # The trials will fail too and store why; the next start retries the baseline.
-            log.warning("%s; going on without a baseline", e)
-
-    numbers = [_run_one_trial(run) for _ in range(n_trials)]
+    log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
+             "resident" if orchestration.resident_base else "reloaded per trial")
+    try:
+        run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
+        baseline = run.store.baseline(study_name)
+        missing = {t.name for t in config.evaluator.all_tasks()} - set(baseline["scores"] if baseline else ())
+        if missing:  # first start, or the config gained tasks since the baseline was scored
+            try:
+                _run_baseline(run)
+            except SweepError as e:
+                # The trials will fail too and store why; the next start retries the baseline.
+                log.warning("%s; going on without a baseline", e)
+        numbers = _Driver(run, n_trials).run()
+        study.set_user_attr(PENDING_ATTR, None)
+    except KeyboardInterrupt:
+        study.set_user_attr(PENDING_ATTR, None)  # stopped on purpose: the next start adds its own trials
+        raise
+    finally:
+        pool.kill_all()
+        ray.kill(run.mailbox)
     best = best_trial(study)
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
+
+
+def recover_stale_trials(study, store: Store, n_trials: int, heartbeat_seconds: int, max_retries: int = 2) -> int:
+    """Fails the RUNNING trials of a driver that died (their parameters run again); returns the trials to run.
+
+    A RUNNING trial is stale when its heartbeat is older than 3 intervals; this
+    waits that long for the heartbeats of an earlier start to go stale (and
+    stops if they stay fresh: another driver is running the study).
+    """
+    import optuna
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    if running:
+        grace = 3 * heartbeat_seconds
+        log.info("Trial(s) %s RUNNING from an earlier start: waiting up to %ds for their heartbeats to go stale",
+                 sorted(running), grace)
+        deadline = time.monotonic() + grace + heartbeat_seconds + 5
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if not any(t.number in running and t.state.name == "RUNNING" for t in trials):
+                break
+            if time.monotonic() > deadline:
+                raise SweepError(f"trials {sorted(running)} of study {study.study_name!r} keep live heartbeats: "
+                                 "another `sweep start` is running it")
+            time.sleep(1)
+        for t in trials:
+            if t.number in running:
+                store.record_trial(study.study_name, TrialRecord(
+                    trial_number=t.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=STALE_REASON,
+                    started_at=t.datetime_start, finished_at=_now(),
+                ))
+                log.warning("Trial %d FAIL: %s; its parameters run again (at most %d retries)",
+                            t.number, STALE_REASON, max_retries)
+    done = _finished_count(study, store)
+    pending = study.user_attrs.get(PENDING_ATTR)
+    if running and pending is not None and pending > done:
+        n_trials = pending - done
+        log.info("Resuming the interrupted start: %d more trial(s) to reach %d", n_trials, pending)
+    study.set_user_attr(PENDING_ATTR, done + n_trials)
+    return n_trials
+
+
+def _finished_count(study, store: Store) -> int:
+    """Trials that ended COMPLETE, PRUNED or FAIL, leaving out those failed as stale."""
+    records = store.trials(study.study_name)
+    return sum(
+        1 for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished()
+        and not (t.number in records and (records[t.number].fail_reason or "").startswith("stale"))
+    )
 
 
 def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
@@ -195,7 +291,10 @@ def _prompt_tokenizer(config: SweepConfig):
 
 
 def _run_baseline(run: _Run) -> None:
-    """Scores the untuned base and records it in our table (never as a trial: it must not feed the sampler)."""
+    """Scores the untuned base on slot 0 (whose base then stays loaded) and records it in our table.
+
+    Never as a trial: it must not feed the sampler.
+    """
     import ray
 
     config = run.config
@@ -206,9 +305,11 @@ def _run_baseline(run: _Run) -> None:
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
     )
     try:
-        result = ray.get(run.baseline_task.remote(spec))
+        result = ray.get(run.pool.actors[0].baseline.remote(spec))
     except ray.exceptions.RayError as e:
+        run.pool.check(0)
         raise SweepError(f"scoring the base model failed: {failure_reason(e)} (log: {spec.log_file})") from None
+    _log_base_load(config, result.base_load_seconds, 0)
     values = suite_values(result.scores, config.evaluator, baseline=result.scores)
     value = values[config.evaluator.objective_suite]
     run.store.record_baseline(
@@ -217,69 +318,284 @@ def _run_baseline(run: _Run) -> None:
     log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
 
 
-def _run_one_trial(run: _Run) -> int:
-    """Asks for a trial, runs it as a Ray task, records it and tells Optuna how it ended."""
-    import optuna
-    import ray
+def _log_base_load(config: SweepConfig, seconds: Optional[float], slot: int) -> None:
+    if seconds is not None:
+        log.info("Loaded base %s in %.1fs (slot %d)", config.model.name_or_path, seconds, slot)
 
-    config, study, store = run.config, run.study, run.store
-    trial = study.ask()
-    started = _now()
-    ref = None
-    try:
-        params = suggest(trial, config.search_space)
-        spec = _trial_spec(run, trial.number, params)
-        log.info("Trial %d started: %s", trial.number, _fmt(params))
-        ref = run.trial_task.remote(spec)
-        timeout = config.orchestration.trial_timeout_minutes
+
+@dataclass
+class _Flight:
+    """A trial in flight (driver side)."""
+
+    trial: Any
+    """Optuna's live `Trial`: only the driver holds it."""
+    slot: int
+    spec: TrialSpec
+    params: dict
+    started_at: dt.datetime
+    started: float = field(default_factory=time.monotonic)
+
+
+class Budget:
+    """`budget_hours` (slot-hours: GPU-hours on a GPU profile) and `timeout_seconds` of one start.
+
+    A trial starts only when the time it is expected to take (the mean of the
+    finished full-length trials, else of any finished ones) fits in what is
+    left, after what the running trials are still expected to use.
+    """
+
+    def __init__(self, hours: Optional[float], timeout_seconds: Optional[float], unit: str):
+        self.hours = hours
+        self.timeout_seconds = timeout_seconds
+        self.unit = unit
+        self.started = time.monotonic()
+        self.complete_seconds: list[float] = []
+        self.other_seconds: list[float] = []
+
+    def finished(self, seconds: float, complete: bool) -> None:
+        (self.complete_seconds if complete else self.other_seconds).append(seconds)
+
+    def trial_seconds(self) -> Optional[float]:
+        durations = self.complete_seconds or self.other_seconds
+        return sum(durations) / len(durations) if durations else None
+
+    def blocks(self, used_hours: float, running_seconds: list[float]) -> Optional[str]:
+        """Why no trial may start now, or None."""
+        estimate = self.trial_seconds()
+        about = f"; a trial takes about {estimate:.0f}s" if estimate is not None else ""
+        if self.timeout_seconds is not None:
+            left = self.timeout_seconds - (time.monotonic() - self.started)
+            if left <= 0 or (estimate is not None and estimate > left):
+                return f"timeout of {self.timeout_seconds:g}s: {max(left, 0):.0f}s left{about}"
+        if self.hours is not None:
+            still = sum(max(0.0, estimate - s) for s in running_seconds) if estimate is not None else 0.0
+            projected = used_hours + (still + (estimate or 0.0)) / 3600
+            if used_hours >= self.hours or projected > self.hours:
+                return f"budget of {self.hours:g} {self.unit}: {used_hours:.4f} used{about}"
+        return None
+
+
+class _Driver:
+    """The loop of one start: keeps every slot busy, serves the mailbox, records each trial's end."""
+
+    def __init__(self, run: _Run, n_trials: int):
+        orchestration = run.config.orchestration
+        self.run_ = run
+        self.to_start = n_trials
+        self.flights: dict[Any, _Flight] = {}
+        self.free = list(range(len(run.pool.actors)))
+        self.numbers: list[int] = []
+        unit = "GPU-hours" if run.profile.uses_gpu else "slot-hours"
+        self.progress = Progress(run.study.study_name, n_trials, unit, orchestration.budget_hours)
+        self.budget = Budget(orchestration.budget_hours, orchestration.timeout_seconds, unit)
+        self.last_heartbeat = 0.0
+        self.display: Optional[Display] = None
+
+    def run(self) -> list[int]:
+        import ray
+
+        with Display(self.progress) as self.display, warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for Study.optimize; this loop records them itself.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            try:
+                while True:
+                    self._start_what_fits()
+                    if not self.flights:
+                        break
+                    ready, _ = ray.wait(list(self.flights), num_returns=len(self.flights), timeout=POLL_S)
+                    self._serve_mailbox()
+                    self._heartbeat()
+                    self._enforce_timeouts()
+                    for ref in ready:
+                        if ref in self.flights:
+                            self._finish(ref, self.flights.pop(ref))
+                    self.display.update()
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, _exit_now)  # a second Ctrl-C exits at once
+                self._interrupt()
+                raise
+        return self.numbers
+
+    # --- starting ---
+
+    def _start_what_fits(self) -> None:
+        now = time.monotonic()
+        while self.free and self.to_start > 0:
+            why = self.budget.blocks(self.progress.hours_used(), [now - f.started for f in self.flights.values()])
+            if why is not None:
+                log.info("Starting no more trials (%d not started): %s", self.to_start, why)
+                self.to_start = 0
+                return
+            self._start(self.free.pop(0))
+
+    def _start(self, slot: int) -> None:
+        from sweep.slots import MailboxReporter
+
+        run = self.run_
+        trial = run.study.ask()
+        run.storage.record_heartbeat(trial._trial_id)
+        self.to_start -= 1
+        flight = _Flight(trial=trial, slot=slot, spec=None, params={}, started_at=_now())
         try:
-            result = ray.get(ref, timeout=timeout * 60 if timeout else None)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"timed out after {timeout:g} minutes") from None
-    except BaseException as e:  # every trial ends COMPLETE or FAIL, also on Ctrl-C
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
-        if ref is not None and not isinstance(e, ray.exceptions.RayTaskError):
-            ray.cancel(ref, force=True)
-        trial.set_user_attr("fail_reason", reason)
-        store.record_trial(study.study_name, TrialRecord(
-            trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
-            started_at=started, finished_at=_now(),
-        ))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log.warning("Trial %d FAIL: %s%s", trial.number, reason,
-                    f" (worker log: {spec.log_file})" if ref is not None else "")
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        return trial.number
+            flight.params = suggest(trial, run.config.search_space)
+            flight.spec = _trial_spec(run, trial.number, flight.params)
+            ref = run.pool.actors[slot].run.remote(flight.spec, MailboxReporter(run.mailbox))
+        except Exception as e:  # noqa: BLE001 - a trial that cannot even start still ends FAIL
+            self._fail(flight, failure_reason(e))
+            self.free.append(slot)
+            self.numbers.append(trial.number)
+            return
+        self.flights[ref] = flight
+        self.progress.running[trial.number] = RunningTrial(
+            trial.number, slot, flight.params, total_steps=run.config.trainer.max_steps
+        )
+        log.info("Trial %d started on slot %d: %s", trial.number, slot, _fmt(flight.params))
 
-    baseline = store.baseline(study.study_name)
-    values = suite_values(result.scores, config.evaluator, baseline["scores"] if baseline else None)
-    value = values[config.evaluator.objective_suite]
-    constraints = feasibility(result, config.study.full_run_hours_limit)
-    store.record_trial(study.study_name, TrialRecord(
-        trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-        values=values, started_at=started, finished_at=_now(), feasible=all(v <= 0 for v in constraints.values()),
-        **{name: getattr(result, name) for name in MEASUREMENTS},
-    ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
-    # Attributes and constraints must be set before tell: a finished trial can't be updated.
-    trial.set_user_attr("adapter_dir", result.adapter_dir)
-    trial.set_user_attr("scores", result.scores)
-    trial.set_user_attr("values", values)
-    for name, amount in constraints.items():
-        trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
-    study.tell(trial, value)
-    best = best_trial(study)
-    hours = result.projected_full_run_hours
-    log.info(
-        "Trial %d COMPLETE: %s params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
-        "best is trial %s",
-        trial.number, _fmt(values), _fmt(params), result.train_seconds, result.tokens_per_second,
-        f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
-        result.eval_seconds, _duration(hours),
-        "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
-        f"{best.number} ({best.value:.4f})" if best else "none feasible yet",
-    )
-    return trial.number
+    # --- while trials run ---
+
+    def _serve_mailbox(self) -> None:
+        import ray
+
+        by_number = {f.trial.number: f for f in self.flights.values()}
+        for report in ray.get(self.run_.mailbox.drain.remote()):
+            kind, number, step = report[:3]
+            if kind == "step":
+                self.progress.on_step(number, step, report[3], report[4])
+                continue
+            value = report[3]
+            flight = by_number.get(number)
+            prune = False
+            if flight is not None:
+                flight.trial.report(value, step)
+                prune = flight.trial.should_prune()
+            self.run_.mailbox.decide.remote(number, step, prune)
+            log.info("Trial %d at step %d: %.4g%s", number, step, value, " -> pruned" if prune else "")
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat < self.run_.config.orchestration.heartbeat_seconds:
+            return
+        self.last_heartbeat = now
+        for f in self.flights.values():
+            self.run_.storage.record_heartbeat(f.trial._trial_id)
+
+    def _enforce_timeouts(self) -> None:
+        minutes = self.run_.config.orchestration.trial_timeout_minutes
+        if not minutes:
+            return
+        for ref, f in list(self.flights.items()):
+            if time.monotonic() - f.started > minutes * 60:
+                del self.flights[ref]
+                self.run_.pool.replace(f.slot, f"trial {f.trial.number} timed out")
+                self._ended(f, complete=False)
+                self._fail(f, f"timed out after {minutes:g} minutes")
+
+    # --- ending ---
+
+    def _finish(self, ref, flight: _Flight) -> None:
+        import ray
+
+        run = self.run_
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            self._ended(flight, complete=False)
+            self._fail(flight, failure_reason(e))
+        else:
+            self._ended(flight, complete=not result.pruned)
+            _log_base_load(run.config, result.base_load_seconds, flight.slot)
+            if result.pruned:
+                self._record_pruned(flight, result)
+            else:
+                self._record_complete(flight, result)
+        run.pool.check(flight.slot)
+
+    def _ended(self, flight: _Flight, complete: bool) -> None:
+        seconds = time.monotonic() - flight.started
+        self.progress.running.pop(flight.trial.number, None)
+        self.progress.finished_hours += seconds / 3600
+        self.budget.finished(seconds, complete)
+        self.free.append(flight.slot)
+        self.numbers.append(flight.trial.number)
+
+    def _fail(self, flight: _Flight, reason: str) -> None:
+        import optuna
+
+        run, trial = self.run_, flight.trial
+        trial.set_user_attr("fail_reason", reason)
+        run.store.record_trial(run.study.study_name, TrialRecord(
+            trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
+            started_at=flight.started_at, finished_at=_now(),
+        ))
+        run.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        self.progress.failed += 1
+        log.warning("Trial %d FAIL: %s%s", trial.number, reason,
+                    f" (worker log: {flight.spec.log_file})" if flight.spec is not None else "")
+        self.display.event()
+
+    def _record_pruned(self, flight: _Flight, result: TrialResult) -> None:
+        import optuna
+
+        run, trial = self.run_, flight.trial
+        run.store.record_trial(run.study.study_name, TrialRecord(
+            trial_number=trial.number, state="PRUNED", adapter_dir=None, scores={},
+            started_at=flight.started_at, finished_at=_now(),
+            **{name: getattr(result, name) for name in MEASUREMENTS},
+        ))
+        run.study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # its value: the last intermediate one
+        self.progress.pruned += 1
+        log.info("Trial %d PRUNED at step %d: intermediate %s params=%s train=%.1fs", trial.number,
+                 result.train_steps, [(s, round(v, 4)) for s, v in result.intermediate], _fmt(flight.params),
+                 result.train_seconds)
+        self.display.event()
+
+    def _record_complete(self, flight: _Flight, result: TrialResult) -> None:
+        run, trial = self.run_, flight.trial
+        config, study, store = run.config, run.study, run.store
+        baseline = store.baseline(study.study_name)
+        values = suite_values(result.scores, config.evaluator, baseline["scores"] if baseline else None)
+        value = values[config.evaluator.objective_suite]
+        constraints = feasibility(result, config.study.full_run_hours_limit)
+        store.record_trial(study.study_name, TrialRecord(
+            trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
+            values=values, started_at=flight.started_at, finished_at=_now(),
+            feasible=all(v <= 0 for v in constraints.values()),
+            **{name: getattr(result, name) for name in MEASUREMENTS},
+        ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
+        # Attributes and constraints must be set before tell: a finished trial can't be updated.
+        trial.set_user_attr("adapter_dir", result.adapter_dir)
+        trial.set_user_attr("scores", result.scores)
+        trial.set_user_attr("values", values)
+        for name, amount in constraints.items():
+            trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
+        study.tell(trial, value)
+        best = best_trial(study)
+        self.progress.complete += 1
+        self.progress.best = (best.number, best.value) if best else None
+        hours = result.projected_full_run_hours
+        log.info(
+            "Trial %d COMPLETE: %s params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
+            "best is trial %s",
+            trial.number, _fmt(values), _fmt(flight.params), result.train_seconds, result.tokens_per_second,
+            f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
+            result.eval_seconds, _duration(hours),
+            "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
+            f"{best.number} ({best.value:.4f})" if best else "none feasible yet",
+        )
+        self.display.event()
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: every running trial is stopped (its slot's actor killed) and stored FAIL "interrupted"."""
+        log.warning("Interrupted: stopping %d running trial(s) (Ctrl-C again exits at once)", len(self.flights))
+        self.run_.pool.kill_all()
+        for f in self.flights.values():
+            self._ended(f, complete=False)
+            self._fail(f, "interrupted")
+        self.flights.clear()
+
+
+def _exit_now(signum, frame) -> None:  # noqa: ARG001
+    os._exit(130)
 
 
 def _duration(hours: Optional[float]) -> str:
@@ -331,6 +647,9 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
         exclude_ngrams_file=run.exclude_ngrams_file,
         target_tflops=run.profile.bf16_tflops,
+        rungs=tuple(config.study.rungs) if config.study.pruner != "none" else (),
+        rung_eval_docs=config.study.rung_eval_docs,
+        baseline_scores=baseline["scores"] if (baseline := run.store.baseline(study_name)) else None,
     )
 
 
@@ -341,35 +660,25 @@ def _memory_cap(profile: GpuProfile, override: Optional[float]) -> Optional[floa
     return override if profile.memory_cap_gib is None else min(override, profile.memory_cap_gib)
 
 
-def _ray_tasks(profile: GpuProfile, cpus_per_trial: int) -> dict:
-    """The worker functions as Ray remote functions, built once per sweep.
+def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:
+    return {"num_cpus": cpus_per_trial, "num_gpus": 1 if profile.uses_gpu else 0}
 
-    A GPU trial gets a fresh worker process (`max_calls=1`); on the CPU,
-    workers are reused (`max_calls=0`).
-    """
+
+def _concurrency(config: SweepConfig, profile: GpuProfile) -> int:
+    """Slots: `orchestration.concurrency`, else every GPU of the Ray cluster (1 on the cpu profile)."""
     import ray
 
-    options = _remote_options(profile, cpus_per_trial)
-    max_calls = 1 if profile.uses_gpu else 0
-    return {
-        "trial_task": ray.remote(max_calls=max_calls)(run_trial).options(**options),
-        "baseline_task": ray.remote(max_calls=max_calls)(run_baseline).options(**options),
-    }
-
-
-def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:
-    return {
-        "num_cpus": cpus_per_trial,
-        "num_gpus": 1 if profile.uses_gpu else 0,
-        "max_retries": 0,
-    }
+    if config.orchestration.concurrency:
+        return config.orchestration.concurrency
+    return max(1, int(ray.cluster_resources().get("GPU", 0))) if profile.uses_gpu else 1
 
 
 def _cpus_per_trial(config: SweepConfig, profile: GpuProfile) -> int:
+    """Cores per trial: the configured number, else 4 on a GPU; on cpu the cores split between the slots."""
     if config.orchestration.cpus_per_trial:
         return config.orchestration.cpus_per_trial
     cores = os.cpu_count() or 1
-    return cores if not profile.uses_gpu else min(4, cores)
+    return max(1, cores // (config.orchestration.concurrency or 1)) if not profile.uses_gpu else min(4, cores)
 
 
 def _worker_env(config: SweepConfig, cpus_per_trial: int) -> dict[str, str]:

@@ -61,6 +61,8 @@ trial_records = Table(
     Column("values", JSON),
     Column("data", JSON),
     Column("fail_reason", Text),
+    Column("base_load_seconds", Float),
+    Column("timeline", JSON),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     UniqueConstraint("study_name", "trial_number"),
@@ -95,7 +97,7 @@ baselines = Table(
 MEASUREMENTS = (
     "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second", "peak_memory_gib", "memory_cap_gib",
     "mfu", "train_tokens", "train_steps", "final_loss", "checkpointed_layers", "full_run_tokens",
-    "projected_full_run_hours", "data",
+    "projected_full_run_hours", "data", "base_load_seconds", "timeline",
 )
 
 
@@ -126,6 +128,10 @@ class TrialRecord:
     """Each suite's aggregate (the objective is the optimised suite's)."""
     data: Optional[dict] = None
     fail_reason: Optional[str] = None
+    base_load_seconds: Optional[float] = None
+    """Seconds the trial spent loading the 4-bit base; None when its slot's resident base was reused."""
+    timeline: Optional[dict] = None
+    """Unix times in the worker (`started`, `first_step`, `finished`) and its `slot`."""
     started_at: Optional[dt.datetime] = None
     finished_at: Optional[dt.datetime] = None
 

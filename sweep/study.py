@@ -1,4 +1,4 @@
-"""Creating and loading the Optuna study, with the sampler rebuilt from the config."""
+"""Creating and loading the Optuna study, with the sampler and the pruner rebuilt from the config."""
 
 from __future__ import annotations
 
@@ -9,12 +9,26 @@ class StudyError(RuntimeError):
     """The study in the storage does not fit the config, or does not exist."""
 
 
-def make_storage(url: str):
-    """Optuna's RDB storage on `url` (SQLite: with a busy timeout, so readers don't break writes)."""
+def make_storage(url: str, heartbeat_seconds: int | None = None, max_retries: int = 2):
+    """Optuna's RDB storage on `url` (SQLite: with a busy timeout, so readers don't break writes).
+
+    With `heartbeat_seconds` (the driver's storage), a RUNNING trial whose
+    heartbeat is older than 3 intervals is stale: `optuna.storages.fail_stale_trials`
+    fails it and enqueues its parameters again, at most `max_retries` times.
+    """
+    import warnings
+
     import optuna
 
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if heartbeat_seconds is None:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries),
+        )
 
 
 def derived_seed(study_seed: int, index: int) -> int:
@@ -36,6 +50,29 @@ def make_sampler(config: SweepConfig, n_existing: int):
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def make_pruner(config: SweepConfig):
+    """The pruner of the config. Optuna does not store pruners: every start builds it again.
+
+    Rungs are reported at training steps; with `trainer.max_steps` set, the
+    first rung's step is the pruners' smallest resource (else Optuna's `auto`).
+    """
+    import optuna
+
+    study = config.study
+    max_steps = config.trainer.max_steps
+    first = max(1, round(min(study.rungs) * max_steps)) if max_steps and study.rungs else "auto"
+    if study.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=study.reduction_factor)
+    if study.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1 if first == "auto" else first, max_resource=max_steps or "auto",
+            reduction_factor=study.reduction_factor,
+        )
+    if study.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=study.pruner_startup_trials, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
 def create_or_load_study(config: SweepConfig, storage, study_name: str):
     """The study named `study_name`: loaded if it exists (direction checked), else created."""
     import optuna
@@ -52,13 +89,15 @@ def create_or_load_study(config: SweepConfig, storage, study_name: str):
             )
         n_existing = len(existing.trials)
         return optuna.load_study(
-            study_name=study_name, storage=storage, sampler=make_sampler(config, n_existing)
+            study_name=study_name, storage=storage, sampler=make_sampler(config, n_existing),
+            pruner=make_pruner(config),
         )
     study = optuna.create_study(
         study_name=study_name,
         storage=storage,
         direction=config.study.direction,
         sampler=make_sampler(config, 0),
+        pruner=make_pruner(config),
     )
     study.set_user_attr("model", config.model.name_or_path)
     return study

@@ -1,7 +1,11 @@
 """The worker side of a trial: a plain `TrialSpec` in, a plain `TrialResult` out.
 
-These functions run inside Ray workers (or any process). They never touch the
-study database: the driver records what they return.
+A `TrialSlot` runs trials one after another in its process (a Ray actor per
+GPU slot; any process in tests). With `resident=True` it loads the 4-bit base
+once and keeps it: each trial attaches a fresh adapter and removes it
+afterwards. Nothing here touches the study database: the driver records what
+the slot returns, and intermediate values travel through a `reporter` the
+driver hands in (see sweep.slots).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 from evaluator.config import EvalConfig
 from trainer.config import DataConfig, ModelConfig, TrainConfig
@@ -51,6 +55,22 @@ class TrialSpec:
     """Dense bf16 peak of the profile's card: the full-run projection is scaled to it."""
     exclude_ngrams_file: Optional[str] = None
     """Evaluation n-grams (a .npy of uint64) that training examples must not share; None: keep all."""
+    rungs: tuple[float, ...] = ()
+    """Fractions of the planned steps at which the trial reports a quick eval and may be pruned."""
+    rung_eval_docs: int = 32
+    """Documents per task of the objective suite in a rung's quick eval."""
+    baseline_scores: Optional[dict] = None
+    """The untuned base's per-task scores, for suites normalised against it."""
+
+
+class Reporter(Protocol):
+    """Where a running trial sends its progress and its rungs' values (the driver's mailbox)."""
+
+    def progress(self, trial_number: int, step: int, total_steps: int, loss: float) -> None: ...
+
+    def rung(self, trial_number: int, step: int, value: float) -> bool:
+        """Reports a rung's value; returns True when the trial is to stop (pruned)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,14 @@ class TrialResult:
     projected_full_run_hours: Optional[float]
     """Hours of the full run (the whole mix, all epochs) on the profile's card, from the measured speed."""
     data: dict
+    pruned: bool = False
+    """Stopped at a rung by the pruner: not scored, no adapter saved (`train_steps` is where it stopped)."""
+    intermediate: tuple[tuple[int, float], ...] = ()
+    """(step, value) of each rung's quick eval."""
+    base_load_seconds: Optional[float] = None
+    """Seconds this trial spent loading the 4-bit base; None: the slot's resident base was reused."""
+    timeline: Optional[dict] = None
+    """Unix times in the worker: `started`, `first_step` (end of the first optimizer step), `finished`; and `slot`."""
 
 
 @dataclass(frozen=True)
@@ -96,61 +124,243 @@ class BaselineSpec:
 class BaselineResult:
     scores: dict[str, float]
     eval_seconds: float
+    base_load_seconds: Optional[float] = None
 
 
-def run_trial(spec: TrialSpec) -> TrialResult:
-    """Loads the 4-bit base, trains a fresh LoRA adapter, scores it, saves it."""
-    with _output_to(spec.log_file):
-        return _run_trial(spec)
+def run_trial(spec: TrialSpec, reporter: Optional[Reporter] = None) -> TrialResult:
+    """Loads the 4-bit base, trains a fresh LoRA adapter, scores it, saves it (one trial in this process)."""
+    return TrialSlot(resident=False).run(spec, reporter)
 
 
-def _run_trial(spec: TrialSpec) -> TrialResult:
-    started = time.perf_counter()
-    _setup_process(spec.num_threads)
-    card = _setup_gpu(spec.device, spec.memory_cap_gib)
-    from transformers import set_seed
+class TrialSlot:
+    """Runs trials one at a time in this process, keeping the 4-bit base loaded between them when `resident`.
 
-    from trainer.data import prepare_data
-    from trainer.model import attach_lora, load_base_model, load_tokenizer, save_adapter, use_attention
-    from trainer.train import train
+    The driver wraps it as a Ray actor (one per GPU slot). The base is loaded
+    by the first trial (or baseline) that needs it and, when resident, kept:
+    each trial attaches a fresh adapter and `detach_lora` removes it, leaving
+    the base bit-identical. `memory_growth_gib` tells the driver whether the
+    process has grown since its first trial (then it replaces the slot).
+    """
 
-    set_seed(spec.seed)
-    tokenizer = load_tokenizer(spec.model)
-    exclude = None
-    if spec.exclude_ngrams_file:
-        from sweep.contamination import load_ngrams
+    def __init__(self, resident: bool = True, slot: int = 0):
+        self.resident = resident
+        self.slot = slot
+        self._base = None
+        self._base_key = None
+        self._tokenizer = None
+        self._reference_gib: Optional[float] = None
+        self._device = "cpu"
 
-        exclude = load_ngrams(spec.exclude_ngrams_file)
-    data = prepare_data(tokenizer, spec.data, exclude=exclude)
-    model = attach_lora(load_base_model(spec.model, spec.device), spec.train.lora)
-    trained = train(model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib)
-    use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes
-    _release_cached_memory(spec.device)  # the optimizer's and activations' blocks: room for the dense copy
-    evaluated = _score(model, tokenizer, spec.eval, spec.task_dir, spec.memory_cap_gib)
-    save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
-    card_tflops = card.bf16_tflops if card is not None else None
-    # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
-    scale = card_tflops / spec.target_tflops if card_tflops and spec.target_tflops else 1.0
-    hours = trained.projected_full_run_hours * scale
-    return TrialResult(
-        trial_number=spec.trial_number,
-        scores=evaluated.scores,
-        adapter_dir=str(Path(spec.adapter_dir).resolve()),
-        train_seconds=trained.train_seconds,
-        eval_seconds=evaluated.eval_seconds,
-        wall_seconds=time.perf_counter() - started,
-        tokens_per_second=trained.tokens_per_second,
-        peak_memory_gib=trained.peak_memory_gib,
-        memory_cap_gib=spec.memory_cap_gib if spec.device != "cpu" else None,
-        mfu=trained.tokens_per_second * trained.flops_per_token / (card_tflops * 1e12) if card_tflops else None,
-        train_tokens=trained.train_tokens,
-        train_steps=trained.steps,
-        final_loss=trained.final_loss,
-        checkpointed_layers=trained.checkpointed_layers,
-        full_run_tokens=trained.full_run_tokens,
-        projected_full_run_hours=hours if math.isfinite(hours) else None,
-        data=data.stats.as_record(),
-    )
+    def run(self, spec: TrialSpec, reporter: Optional[Reporter] = None) -> TrialResult:
+        with _output_to(spec.log_file):
+            try:
+                return self._run(spec, reporter)
+            finally:
+                if not self.resident:
+                    self._drop_base()
+                self._note_memory()
+
+    def baseline(self, spec: "BaselineSpec") -> "BaselineResult":
+        """Scores the untuned base (the resident one when there is one)."""
+        with _output_to(spec.log_file):
+            _setup_process(spec.num_threads)
+            _setup_gpu(spec.device, spec.memory_cap_gib)
+            from trainer.model import restore_training_layout, use_attention
+
+            tokenizer = self._tokenizer_for(spec.model)
+            base, load_seconds = self._base_for(spec.model, spec.device)
+            use_attention(base, "sdpa")
+            try:
+                evaluated = _score(base, tokenizer, spec.eval.all_tasks(), spec.eval, spec.task_dir,
+                                   spec.memory_cap_gib)
+            finally:
+                restore_training_layout(base)
+                if not self.resident:
+                    self._drop_base()
+            return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds,
+                                  base_load_seconds=load_seconds)
+
+    def memory_growth_gib(self) -> Optional[float]:
+        """How much this process's memory (GPU: torch's allocation; CPU: resident set) grew since its first trial."""
+        if self._reference_gib is None:
+            return None
+        return _memory_gib(self._device) - self._reference_gib
+
+    def _note_memory(self) -> None:
+        _release_cached_memory(self._device)
+        if self._reference_gib is None:  # after the first trial: base loaded, libraries imported, caches warm
+            self._reference_gib = _memory_gib(self._device)
+
+    def _tokenizer_for(self, model):
+        from trainer.model import load_tokenizer
+
+        if self._tokenizer is None or self._tokenizer[0] != model:
+            self._tokenizer = (model, load_tokenizer(model))
+        return self._tokenizer[1]
+
+    def _base_for(self, model, device: str):
+        """The 4-bit base, and the seconds spent loading it (None when it was already loaded)."""
+        from trainer.model import load_base_model
+
+        if self._base is not None and self._base_key == (model, device):
+            return self._base, None
+        self._drop_base()
+        started = time.perf_counter()
+        self._base = load_base_model(model, device)
+        self._base_key = (model, device)
+        self._device = device
+        seconds = time.perf_counter() - started
+        print(f"loaded base {model.name_or_path} in {seconds:.1f}s (slot {self.slot})", flush=True)
+        return self._base, seconds
+
+    def _drop_base(self) -> None:
+        if self._base is None:
+            return
+        self._base = self._base_key = None
+        import gc
+
+        gc.collect()
+        _release_cached_memory(self._device)
+
+    def _run(self, spec: TrialSpec, reporter: Optional[Reporter]) -> TrialResult:
+        started = time.perf_counter()
+        timeline = {"slot": self.slot, "started": time.time()}
+        _setup_process(spec.num_threads)
+        card = _setup_gpu(spec.device, spec.memory_cap_gib)
+        from transformers import set_seed
+
+        from trainer.data import prepare_data
+        from trainer.model import (
+            attach_lora,
+            attention_implementation,
+            detach_lora,
+            save_adapter,
+            use_attention,
+        )
+        from trainer.train import train
+
+        tokenizer = self._tokenizer_for(spec.model)
+        exclude = None
+        if spec.exclude_ngrams_file:
+            from sweep.contamination import load_ngrams
+
+            exclude = load_ngrams(spec.exclude_ngrams_file)
+        data = prepare_data(tokenizer, spec.data, exclude=exclude)
+        base, load_seconds = self._base_for(spec.model, spec.device)
+        use_attention(base, attention_implementation(spec.model, spec.device))  # scoring left it on sdpa
+        set_seed(spec.seed)  # the adapter's initial weights: the same on a fresh or a resident base
+        try:
+            model = attach_lora(base, spec.train.lora)
+        except BaseException:
+            self._drop_base()  # an adapter that failed half-way may have left layers wrapped
+            raise
+        progress = _Progress(spec, reporter, timeline)
+        try:
+            trained = train(
+                model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib,
+                on_step=progress.step, checkpoints=spec.rungs if reporter is not None else (),
+                on_checkpoint=lambda step: progress.rung(step, _rung_value(model, tokenizer, spec, step)),
+            )
+            pruned = trained.steps < trained.planned_steps
+            evaluated = None
+            if not pruned:
+                use_attention(model, "sdpa")  # scoring runs padded batches of varying shapes
+                _release_cached_memory(spec.device)  # the optimizer's and activations' blocks: room for the dense copy
+                evaluated = _score(model, tokenizer, spec.eval.all_tasks(), spec.eval, spec.task_dir,
+                                   spec.memory_cap_gib)
+                save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
+        finally:
+            self._base = detach_lora(model)
+        timeline["finished"] = time.time()
+        card_tflops = card.bf16_tflops if card is not None else None
+        # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
+        scale = card_tflops / spec.target_tflops if card_tflops and spec.target_tflops else 1.0
+        hours = trained.projected_full_run_hours * scale
+        return TrialResult(
+            trial_number=spec.trial_number,
+            scores=evaluated.scores if evaluated else {},
+            adapter_dir=str(Path(spec.adapter_dir).resolve()) if evaluated else "",
+            train_seconds=trained.train_seconds,
+            eval_seconds=evaluated.eval_seconds if evaluated else 0.0,
+            wall_seconds=time.perf_counter() - started,
+            tokens_per_second=trained.tokens_per_second,
+            peak_memory_gib=trained.peak_memory_gib,
+            memory_cap_gib=spec.memory_cap_gib if spec.device != "cpu" else None,
+            mfu=trained.tokens_per_second * trained.flops_per_token / (card_tflops * 1e12) if card_tflops else None,
+            train_tokens=trained.train_tokens,
+            train_steps=trained.steps,
+            final_loss=trained.final_loss,
+            checkpointed_layers=trained.checkpointed_layers,
+            full_run_tokens=trained.full_run_tokens,
+            projected_full_run_hours=hours if math.isfinite(hours) else None,
+            data=data.stats.as_record(),
+            pruned=pruned,
+            intermediate=tuple(progress.intermediate),
+            base_load_seconds=load_seconds,
+            timeline=timeline,
+        )
+
+
+class _Progress:
+    """Forwards a running trial's steps (at most one a second) and rungs to the reporter."""
+
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self, spec: TrialSpec, reporter: Optional[Reporter], timeline: dict):
+        self.spec = spec
+        self.reporter = reporter
+        self.timeline = timeline
+        self.intermediate: list[tuple[int, float]] = []
+        self._last = 0.0
+        self._total = spec.train.max_steps or 0
+
+    def step(self, step: int, loss: float) -> None:
+        now = time.time()
+        if step == 1:
+            self.timeline["first_step"] = now
+        if self.reporter is not None and now - self._last >= self.REPORT_EVERY_S:
+            self._last = now
+            self.reporter.progress(self.spec.trial_number, step, self._total, loss)
+
+    def rung(self, step: int, value: float) -> bool:
+        self.intermediate.append((step, value))
+        print(f"rung at step {step}: {value:.4g}", flush=True)
+        return self.reporter.rung(self.spec.trial_number, step, value)
+
+
+def rung_tasks(config: EvalConfig, docs: int) -> list:
+    """A rung's quick eval: the objective suite's tasks, each on its first `docs` documents."""
+    import dataclasses
+
+    tasks = config.suite_tasks()[config.objective_suite]
+    return [dataclasses.replace(t, limit=min(t.limit or docs, docs)) for t in tasks]
+
+
+def _rung_value(model, tokenizer, spec: TrialSpec, step: int) -> float:
+    """The objective suite's aggregate on a few documents per task, mid-training; the model trains on after."""
+    from evaluator.score import aggregate
+    from trainer.model import attention_implementation, restore_training_layout, use_attention
+
+    config = spec.eval
+    tasks = rung_tasks(config, spec.rung_eval_docs)
+    use_attention(model, "sdpa")
+    try:
+        evaluated = _score(model, tokenizer, tasks, config, spec.task_dir, spec.memory_cap_gib, dequantize=False)
+    finally:
+        use_attention(model, attention_implementation(spec.model, spec.device))
+        restore_training_layout(model)
+        model.train()
+    normalize = "chance" if config.normalize == "baseline" and spec.baseline_scores is None else config.normalize
+    return aggregate(evaluated.scores, tasks, config.aggregate, config.floor, normalize, spec.baseline_scores)
+
+
+def _memory_gib(device: str) -> float:
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm") as f:  # resident pages (Linux)
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
@@ -171,23 +381,16 @@ def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
 
 def run_baseline(spec: BaselineSpec) -> BaselineResult:
     """Scores the untuned 4-bit base (building the demo base first if that is the model)."""
-    with _output_to(spec.log_file):
-        _setup_process(spec.num_threads)
-        from trainer.model import load_base_model, load_tokenizer
-
-        _setup_gpu(spec.device, spec.memory_cap_gib)
-        tokenizer = load_tokenizer(spec.model)
-        model = load_base_model(spec.model, spec.device, attn_implementation="sdpa")
-        evaluated = _score(model, tokenizer, spec.eval, spec.task_dir, spec.memory_cap_gib)
-        return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds)
+    return TrialSlot(resident=False).baseline(spec)
 
 
-def _score(model, tokenizer, config: EvalConfig, task_dir: str, memory_cap_gib: Optional[float]):
+def _score(model, tokenizer, tasks, config: EvalConfig, task_dir: str, memory_cap_gib: Optional[float],
+           dequantize=None):
     from evaluator.harness import evaluate
 
     evaluated = evaluate(
-        model, tokenizer, config.all_tasks(), task_dir, config.batch_size, config.generation,
-        dequantize=config.dequantize, memory_budget_gib=memory_cap_gib,
+        model, tokenizer, tasks, task_dir, config.batch_size, config.generation,
+        dequantize=config.dequantize if dequantize is None else dequantize, memory_budget_gib=memory_cap_gib,
     )
     print(f"scored in {evaluated.eval_seconds:.1f}s ({'dense copy of the base' if evaluated.dense else '4-bit base'})",
           flush=True)

@@ -24,7 +24,8 @@ def test_help_lists_every_subcommand():
 
 
 @pytest.mark.parametrize("command,flags", [
-    ("start", ["--config", "--gpu", "--trials", "--study", "--storage", "--set", "--address"]),
+    ("start", ["--config", "--gpu", "--trials", "--study", "--storage", "--set", "--address", "--concurrency",
+               "--budget-hours", "--timeout"]),
     ("status", ["--study", "--storage", "--format"]),
     ("export", ["--study", "--storage", "--pick", "--best", "--trial", "--out"]),
     ("contamination", ["--config", "--set", "--format"]),

@@ -119,7 +119,7 @@ def test_sweep_searches_the_data_mix(tmp_path, monkeypatch, cli, ray_session):
     monkeypatch.chdir(tmp_path)
     config_path, expected = write_config(tmp_path)
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    cli("start", "--config", str(config_path), "--storage", storage, "--gpu", "cpu")
+    cli("start", "--config", str(config_path), "--storage", storage, "--gpu", "cpu", "--set", "study.pruner=none")
     status = json.loads(cli("status", "--storage", storage, "--study", "mix", "--format", "json"))
     trials = status["trials"]
 

@@ -33,7 +33,7 @@ def _trial(base, data, seed: int, lr: float = 3e-3):
     tokenizer, rows = data
     torch.manual_seed(seed)
     model = attach_lora(base, CONFIG.lora)
-    sample = torch.as_tensor(rows[0]["input_ids"])[None]
+    sample = torch.as_tensor(rows[0]["input_ids"])[None].to(next(base.parameters()).device)
 
     def score(step: int) -> bool:  # what a rung's quick eval does to the model
         model.eval()
@@ -75,3 +75,25 @@ def test_a_checkpoint_callback_stops_the_run_early(data):
     assert seen == [2, 3] == checkpoint_steps_of([0.25, 0.5], 6)
     assert result.steps == 3 and result.planned_steps == 6 and len(result.losses) == 3
     assert checkpoint_steps_of([0.5, 1.0, 0.99], 4) == [2]  # never the last step
+
+
+@pytest.mark.gpu
+def test_a_resident_base_on_the_gpu_keeps_its_weights_and_memory(data):
+    """On a GPU the base stays bit-identical too, and trials leave no allocated memory behind."""
+    import gc
+
+    base = load_base_model(MODEL, "cuda")
+    loaded = {k: v.clone() for k, v in base.state_dict().items()}
+    base, first = _trial(base, data, seed=1)
+    gc.collect()
+    torch.cuda.empty_cache()
+    after_first = torch.cuda.memory_allocated()
+    for seed in (2, 3):
+        base, _ = _trial(base, data, seed=seed)
+    base, again = _trial(base, data, seed=1)
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert [loss for _, loss in again] == pytest.approx([loss for _, loss in first], rel=1e-3)  # GPU kernels
+    after = base.state_dict()
+    assert all(torch.equal(after[k], loaded[k]) for k in loaded)
+    assert torch.cuda.memory_allocated() - after_first < 2**20  # under 1 MiB grown over three trials

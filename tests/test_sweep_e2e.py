@@ -25,7 +25,8 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     monkeypatch.chdir(workdir)
     storage = f"sqlite:///{workdir / 'studies.db'}"
     common = ["--storage", storage, "--study", "e2e", "--gpu", "cpu",
-              "--set", "trainer.max_steps=60", "--set", f"orchestration.artifacts_dir={workdir / 'runs'}"]
+              "--set", "trainer.max_steps=60", "--set", "study.pruner=none",
+              "--set", f"orchestration.artifacts_dir={workdir / 'runs'}"]
 
     cli("start", "--trials", "2", *common)
     first = status(cli, storage)

@@ -16,7 +16,7 @@ def test_out_of_memory_trial_fails_and_the_next_trial_completes(tmp_path, monkey
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     # The random sampler with seed 0 proposes the 65536-token row first, then the 320-token one.
     cli("start", "--config", str(DEMO), "--storage", storage, "--study", "oom", "--trials", "2",
-        "--set", "study.sampler=random", "--set", "study.seed=0",
+        "--set", "study.sampler=random", "--set", "study.seed=0", "--set", "study.pruner=none",
         "--set", "data.sources.0.num_train=4000", "--set", "trainer.max_steps=20",
         "--set", "orchestration.gpu_memory_cap_gib=0.25",
         "--set", "search_space={trainer.pack_length: {type: categorical, choices: [320, 65536]}}")

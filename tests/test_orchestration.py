@@ -1,0 +1,184 @@
+"""Orchestration through a real local Ray: pruning, concurrent slots, a resident base, budgets, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+# Short trials: 24 steps with rungs at 6 and 12, small quick evals.
+FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8"]
+
+
+def _common(tmp_path, study: str) -> list[str]:
+    return ["--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--study", study,
+            "--set", f"orchestration.artifacts_dir={tmp_path / 'runs'}", *FAST]
+
+
+def _status(cli, tmp_path, study: str) -> dict:
+    return json.loads(cli("status", "--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--study", study,
+                          "--format", "json"))
+
+
+def _sweep_logs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sweep"]
+
+
+def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, cli, ray_session, caplog):
+    caplog.set_level(logging.INFO, logger="sweep")
+    cli("start", "--trials", "12", *_common(tmp_path, "sh"))
+    trials = _status(cli, tmp_path, "sh")["trials"]
+    assert len(trials) == 12
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    assert pruned and complete and len(pruned) + len(complete) == 12
+    for t in pruned:
+        steps = [step for step, _ in t["intermediate"]]
+        assert steps and steps == sorted(steps) and set(steps) <= {6, 12}
+        assert t["train_steps"] == steps[-1] < 24  # the worker stopped at the rung it was pruned at
+        assert t["value"] == t["intermediate"][-1][1]  # Optuna keeps the last intermediate value
+        assert t["scores"] == {} and t["adapter_dir"] is None
+    for t in complete:
+        assert t["train_steps"] == 24 and [s for s, _ in t["intermediate"]] == [6, 12]
+        assert set(t["scores"]) and t["adapter_dir"]
+    # One slot with a resident base: the base is loaded once for the baseline and all 12 trials.
+    loads = [m for m in _sweep_logs(caplog) if m.startswith("Loaded base")]
+    assert loads == [loads[0]] and loads[0].endswith("(slot 0)")
+    assert all(t["base_load_seconds"] is None for t in trials)
+    assert len({t["timeline"]["slot"] for t in trials}) == 1
+
+
+def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, caplog):
+    caplog.set_level(logging.INFO, logger="sweep")
+    cli("start", "--trials", "2", "--concurrency", "2", *_common(tmp_path, "two"), "--set", "study.pruner=none")
+    trials = _status(cli, tmp_path, "two")["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    (a_start, a_end), (b_start, b_end) = [
+        (datetime.fromisoformat(t["started_at"]), datetime.fromisoformat(t["finished_at"])) for t in trials
+    ]
+    assert a_start < b_end and b_start < a_end, "the two trials did not overlap"
+    assert {t["timeline"]["slot"] for t in trials} == {0, 1}
+    assert "2 slot(s), 1 CPU core(s) each, resident base" in _sweep_logs(caplog)
+
+
+def test_budget_stops_starting_trials_and_progress_shows_hours(tmp_path, cli, ray_session, caplog):
+    caplog.set_level(logging.INFO, logger="sweep")
+    # 5.4 slot-seconds: after the first trial, a second one would not fit.
+    cli("start", "--trials", "4", "--budget-hours", "0.0015", *_common(tmp_path, "budget"),
+        "--set", "study.pruner=none")
+    trials = _status(cli, tmp_path, "budget")["trials"]
+    assert 1 <= len(trials) < 4 and all(t["state"] == "COMPLETE" for t in trials)
+    logs = _sweep_logs(caplog)
+    assert any(m.startswith("Starting no more trials") and "budget of 0.0015 slot-hours" in m for m in logs)
+    assert any(m.startswith("Progress:") and "of 0.0015 slot-hours used" in m for m in logs)
+
+
+def test_live_display_shows_running_trials_and_gpu_hours():
+    from rich.console import Console
+
+    from sweep.progress import Progress, RunningTrial
+
+    progress = Progress("live", n_trials=8, unit="GPU-hours", budget_hours=2.0, complete=3, pruned=2, failed=1,
+                        best=(4, 0.5123), finished_hours=0.75)
+    trial = RunningTrial(7, slot=1, params={"trainer.lora.r": 16}, total_steps=200)
+    trial.started -= 120
+    progress.running[7] = trial
+    progress.on_step(7, 1, 200, 2.5)
+    trial.first_step_at -= 10
+    progress.on_step(7, 11, 200, 1.25)
+    console = Console(record=True, width=160)
+    console.print(progress.table())
+    text = console.export_text()
+    assert "11/200" in text and "1.2500" in text and "r=16" in text
+    assert "189s" in text  # ETA: 1 s per step, 189 steps to go
+    assert "3 complete, 2 pruned, 1 failed, 1 running of 8; best trial 4 (0.5123)" in text
+    assert "0.7833 of 2 GPU-hours used" in text  # 0.75 finished + 2 minutes running
+
+
+def _states(db) -> list[str]:
+    try:
+        con = sqlite3.connect(db)
+        try:
+            return [s for (s,) in con.execute("select state from trials order by number")]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+
+
+def _kill_session(sid: int) -> None:
+    """Kills what the killed driver left behind (its local Ray's processes share its session)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _start_driver(tmp_path, study: str, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sweep.cli", "start", "--trials", "3", *_common(tmp_path, study),
+            "--set", "study.pruner=none", "--set", "orchestration.heartbeat_seconds=1", *extra]
+    return subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / f"{study}.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(db, predicate, process: subprocess.Popen, seconds: float = 180) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states = _states(db)
+        if predicate(states):
+            return states
+        assert process.poll() is None, f"the driver exited early ({process.returncode})"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; states {states}")
+
+
+def test_a_killed_driver_is_resumed_by_the_next_start(tmp_path, cli, ray_session):
+    db = tmp_path / "studies.db"
+    driver = _start_driver(tmp_path, "crash")
+    try:
+        _wait_for(db, lambda s: s.count("COMPLETE") == 1 and "RUNNING" in s, driver)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        _kill_session(driver.pid)
+    before = _status(cli, tmp_path, "crash")["trials"]
+    assert [t["state"] for t in before] == ["COMPLETE", "RUNNING"]
+
+    # The same command again: the stale trial fails, its parameters run again, the count of 3 is reached.
+    cli("start", "--trials", "3", *_common(tmp_path, "crash"), "--set", "study.pruner=none",
+        "--set", "orchestration.heartbeat_seconds=1")
+    after = _status(cli, tmp_path, "crash")["trials"]
+    assert after[0] == {**before[0], "finished_at": after[0]["finished_at"]} and after[0]["state"] == "COMPLETE"
+    assert after[1]["state"] == "FAIL" and after[1]["fail_reason"] == "stale: driver died"
+    assert [t["state"] for t in after[2:]] == ["COMPLETE", "COMPLETE"]
+    assert after[2]["params"] == after[1]["params"]  # the stale trial's parameters, run again
+    assert "RUNNING" not in _states(db)
+
+
+def test_ctrl_c_stores_running_trials_as_interrupted(tmp_path):
+    db = tmp_path / "studies.db"
+    driver = _start_driver(tmp_path, "sigint")
+    try:
+        _wait_for(db, lambda s: "RUNNING" in s, driver)
+        time.sleep(1)
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=60) == 130
+    finally:
+        _kill_session(driver.pid)
+    con = sqlite3.connect(db)
+    rows = con.execute("select t.number, t.state, r.fail_reason from trials t join sweep_trial_records r "
+                       "on r.trial_number = t.number").fetchall()
+    running = con.execute("select count(*) from trials where state = 'RUNNING'").fetchone()[0]
+    con.close()
+    assert running == 0
+    assert rows and rows[-1][1:] == ("FAIL", "interrupted")
+    assert "interrupted" in (tmp_path / "sigint.log").read_text()
