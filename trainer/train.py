@@ -478,6 +478,7 @@ def train(
     real_tokens = timed_tokens = 0
     start = time.perf_counter()
     timed_from = start
+    paused = 0.0
     try:
         for step in range(1, steps + 1):
             micro = [next(stream) for _ in range(accumulation)]
@@ -506,9 +507,13 @@ def train(
             losses.append((step, step_loss))
             if on_step is not None:
                 on_step(step, step_loss)
-            if on_checkpoint is not None and step in checkpoint_steps and on_checkpoint(step):
-                steps = step
-                break
+            if on_checkpoint is not None and step in checkpoint_steps:
+                paused_from = time.perf_counter()
+                stop = on_checkpoint(step)
+                paused += time.perf_counter() - paused_from  # a rung's eval is not training time
+                if stop:
+                    steps = step
+                    break
         if on_gpu:
             torch.cuda.synchronize(device)
     except torch.OutOfMemoryError:
@@ -526,7 +531,7 @@ def train(
         if neftune is not None:
             neftune.remove()
         set_checkpointing(model, 0)
-    end = time.perf_counter()
+    end = time.perf_counter() - paused
     seconds = end - start
     if steps > 1:
         tps = timed_tokens / (end - timed_from) if end > timed_from else 0.0
