@@ -159,6 +159,13 @@ class EvalConfig:
         "cap.",
         default="auto",
     )
+    fuse_kernels: bool | Literal["auto"] = doc(
+        "Run RMSNorm, rotary embeddings and the MLP's SiLU gate as compiled, fused kernels while scoring "
+        "(Llama, Mistral and Qwen2 models; the same formulas): about a fifth off scoring's GPU time, for a "
+        "compilation of about 20 s once per process (torch's compile cache shortens it in later processes). "
+        "`auto`: on a GPU.",
+        default="auto",
+    )
     generation: GenerationConfig = doc("Decoding of generation tasks.", default_factory=GenerationConfig)
 
     def validate(self) -> None:

@@ -177,7 +177,7 @@ def prefill_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return (6 * intermediate + 8 * config.hidden_size) * dtype_bytes
 
 
-PREFILL_TOKENS = 16384
+PREFILL_TOKENS = 8192
 """Prompt tokens prefilled at once when a generation batch is prefilled in chunks."""
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.fast import dense_base, free_bytes, generation_plan, use_dense
+from evaluator.fuse import fused_elementwise
 
 log = logging.getLogger(__name__)
 # Generation settings that do not change a greedy decode.
@@ -65,6 +66,7 @@ def evaluate(
     generation: GenerationConfig | None = None,
     dequantize: bool | str = "auto",
     memory_budget_gib: float | None = None,
+    fuse_kernels: bool | str = "auto",
 ) -> EvalResult:
     """Scores `model` on `tasks` with lm-eval and returns each task's metric.
 
@@ -83,6 +85,8 @@ def evaluate(
             (on a GPU, when it fits in half the free memory).
         memory_budget_gib: the memory cap (GiB) that sizes the dense copy and
             generation batches; None: the whole card.
+        fuse_kernels: run RMSNorm, rotary embeddings and the SiLU gate as
+            compiled kernels (`evaluator.fuse`): true, false, or `auto` (on a GPU).
     """
     start = time.perf_counter()
     was_training = model.training
@@ -98,9 +102,12 @@ def evaluate(
     saved_cache = [getattr(c, "use_cache", None) for c in configs]
     for c in configs:
         c.use_cache = True
-    dense = use_dense(model, dequantize, next(model.parameters()).device, memory_budget_gib)
+    device = next(model.parameters()).device
+    dense = use_dense(model, dequantize, device, memory_budget_gib)
+    fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
     try:
-        with dense_base(model) if dense else contextlib.nullcontext():
+        with dense_base(model) if dense else contextlib.nullcontext(), \
+                fused_elementwise(model) if fuse else contextlib.nullcontext():
             lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
             scores = _score(lm, tasks, task_manager(tasks, task_dir), generation)
             del lm  # its decoder's KV cache and CUDA graph go before the dense copy does

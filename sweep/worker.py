@@ -391,6 +391,7 @@ def _score(model, tokenizer, tasks, config: EvalConfig, task_dir: str, memory_ca
     evaluated = evaluate(
         model, tokenizer, tasks, task_dir, config.batch_size, config.generation,
         dequantize=config.dequantize if dequantize is None else dequantize, memory_budget_gib=memory_cap_gib,
+        fuse_kernels=config.fuse_kernels,
     )
     print(f"scored in {evaluated.eval_seconds:.1f}s ({'dense copy of the base' if evaluated.dense else '4-bit base'})",
           flush=True)

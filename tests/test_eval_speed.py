@@ -126,13 +126,13 @@ def test_generation_plan_fits_the_kv_cache_and_a_prefill_chunk_in_free_memory():
 
     config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
-    # Mistral-7B: 128 KiB of KV cache a token; 800 + 192 tokens a sequence. A prefill chunk holds 16384 // 800
-    # = 20 prompts: their MLP activations and their own KV cache before it is copied in.
+    # Mistral-7B: 128 KiB of KV cache a token; 800 + 192 tokens a sequence. A prefill chunk holds 8192 // 800
+    # = 10 prompts: their MLP activations and their own KV cache before it is copied in.
     per_row = 131072 * 992 + 4 * 32000
-    chunk = 20 * 800 * ((6 * 14336 + 8 * 4096) * 2 + 131072)
+    chunk = 10 * 800 * ((6 * 14336 + 8 * 4096) * 2 + 131072)
     free = 20 * 2**30
     plan = generation_plan(config, free, 800, 192, 1000, 16)
-    assert plan == GenerationPlan(int((0.8 * free - chunk) // per_row), 20)
+    assert plan == GenerationPlan(int((0.8 * free - chunk) // per_row), 10)
     assert plan.rows * per_row + chunk <= 0.8 * free
     # Fewer requests than fit: all of them, prefilled at once when their activations fit too.
     assert generation_plan(config, free, 800, 192, 10, 16) == GenerationPlan(10, 10)
@@ -344,3 +344,52 @@ def test_batched_tokenization_equals_lm_evals_encode_pair(adapted):
         ("Joined words", "together"),  # a continuation that merges with the context's last word
     ]
     assert encode_pairs(lm, pairs) == [lm._encode_pair(c, k) for c, k in pairs]
+
+
+def test_fused_elementwise_runs_the_models_own_formulas_and_restores_them(adapted):
+    import transformers.models.llama.modeling_llama as llama
+
+    from evaluator.fuse import can_fuse, fused_elementwise
+
+    model, _ = adapted
+    core = model.get_base_model()
+    ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    reference = _logits(model, ids)
+    rotary = llama.apply_rotary_pos_emb
+    # The same formulas run uncompiled: the logits are bit for bit the model's own.
+    with fused_elementwise(model, backend="eager") as fused:
+        assert fused and llama.apply_rotary_pos_emb is not rotary
+        assert "forward" in vars(core.model.norm) and "forward" in vars(core.model.layers[0].mlp)
+        assert torch.equal(_logits(model, ids), reference)
+    assert llama.apply_rotary_pos_emb is rotary
+    assert not any("forward" in vars(m) for m in core.modules())
+    # An architecture whose code is not known to match is left alone.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert not can_fuse(other)
+    with fused_elementwise(other) as fused:
+        assert not fused
+
+
+@pytest.mark.gpu
+def test_fused_kernels_on_gpu_keep_the_logits_and_greedy_tokens(demo_base_dir):
+    from evaluator.decode import greedy_generate
+    from evaluator.fuse import fused_elementwise
+    from trainer.model import load_base_model
+
+    model = load_base_model(ModelConfig(name_or_path="sweep-demo/tiny-llama"), "cuda")
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+        tokens = greedy_generate(model, ids, mask, 24)
+        with fused_elementwise(model) as fused:
+            compiled = model(input_ids=ids).logits.float()
+            compiled_tokens = greedy_generate(model, ids, mask, 24)  # decode steps in a CUDA graph
+    assert fused
+    # bf16: the compiled kernels may round a float32 intermediate differently, no more.
+    assert (compiled - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (compiled.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+    assert (compiled_tokens == tokens).float().mean() > 0.9

@@ -1,0 +1,96 @@
+"""Fused elementwise kernels for scoring on a GPU: RMSNorm, rotary embeddings and the SiLU gate, compiled once.
+
+Between its matmuls, a Llama-style decoder layer runs about forty small
+kernels: RMSNorm alone is six (a float32 upcast, square, mean, rsqrt,
+multiply, downcast and scale), rotary embeddings a dozen with two
+concatenations, the MLP gate two. In a decode step their launches and
+float32 round trips cost about as much as the weights' reads; in a 16k-token
+log-likelihood pass they are a fifth of the time. `fused_elementwise` swaps
+those three functions, for the time of scoring, for `torch.compile`d versions
+of the same formulas (one compiled function serves every layer, every
+shape), then restores the model's own.
+
+Only architectures whose code is known to match the formulas here are
+fused (`FUSED_ARCHITECTURES`); others score unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+
+FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+
+
+@functools.cache
+def _kernels(backend: str):
+    """The three formulas as compiled functions (dynamic shapes: one compilation serves every batch)."""
+    import torch
+
+    def rms_norm(x, weight, eps: float):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(dtype)
+
+    def silu_gate(gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    def rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        half = q.shape[-1] // 2
+        q_rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+        k_rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        return (q * cos) + (q_rotated * sin), (k * cos) + (k_rotated * sin)
+
+    compile = functools.partial(torch.compile, dynamic=True, backend=backend)
+    return compile(rms_norm), compile(silu_gate), compile(rotary)
+
+
+def can_fuse(model) -> bool:
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(core, "config", None)
+    return type(core).__name__ in FUSED_ARCHITECTURES and getattr(config, "hidden_act", None) == "silu"
+
+
+@contextlib.contextmanager
+def fused_elementwise(model, backend: str = "inductor"):
+    """Runs the block with RMSNorm, rotary embeddings and the MLP's SiLU gate as compiled kernels.
+
+    Yields whether the model was fused (False for other architectures).
+    `backend="eager"` runs the same formulas uncompiled (tests).
+    """
+    import types
+
+    if not can_fuse(model):
+        yield False
+        return
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = FUSED_ARCHITECTURES[type(core).__name__]
+    rms_norm, silu_gate, rotary = _kernels(backend)
+    modeling = sys.modules[type(core).__module__]
+
+    def norm_forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def mlp_forward(self, x):
+        return self.down_proj(silu_gate(self.gate_proj(x), self.up_proj(x)))
+
+    patched = []
+    saved_rotary = modeling.apply_rotary_pos_emb
+    try:
+        for module in core.modules():
+            name = type(module).__name__
+            if name == f"{prefix}RMSNorm":
+                module.forward = types.MethodType(norm_forward, module)
+                patched.append(module)
+            elif name == f"{prefix}MLP":
+                module.forward = types.MethodType(mlp_forward, module)
+                patched.append(module)
+        modeling.apply_rotary_pos_emb = rotary
+        yield True
+    finally:
+        modeling.apply_rotary_pos_emb = saved_rotary
+        for module in patched:
+            del module.forward  # the class's own forward again
