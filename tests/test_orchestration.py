@@ -182,3 +182,51 @@ def test_ctrl_c_stores_running_trials_as_interrupted(tmp_path):
     assert running == 0
     assert rows and rows[-1][1:] == ("FAIL", "interrupted")
     assert "interrupted" in (tmp_path / "sigint.log").read_text()
+
+
+def test_budget_and_timeout_admit_a_trial_only_when_it_fits():
+    from sweep.scheduler import Budget
+
+    budget = Budget(hours=0.01, timeout_seconds=None, unit="GPU-hours")  # 36 s
+    assert budget.blocks(used_hours=0.0, running_seconds=[]) is None  # nothing known yet: start
+    budget.finished(20.0, complete=True)
+    budget.finished(2.0, complete=False)  # a pruned trial does not lower the estimate
+    assert budget.trial_seconds() == 20.0
+    assert budget.blocks(used_hours=12 / 3600, running_seconds=[]) is None  # 12 + 20 <= 36
+    assert budget.blocks(used_hours=12 / 3600, running_seconds=[18.0]) is None  # 12 + 2 to go + 20 <= 36
+    # 12 used + a running trial 15 s in (5 s to go) + 20 for a new one > 36
+    assert budget.blocks(used_hours=12 / 3600, running_seconds=[15.0]).startswith("budget of 0.01 GPU-hours")
+    timeout = Budget(hours=None, timeout_seconds=30, unit="slot-hours")
+    timeout.finished(20.0, complete=True)
+    assert timeout.blocks(0.0, []) is None
+    timeout.started -= 15  # 15 s left, a trial takes 20
+    assert timeout.blocks(0.0, []).startswith("timeout of 30s")
+
+
+def test_the_pruner_is_rebuilt_from_the_config_when_the_study_is_loaded(tmp_path):
+    import optuna
+
+    from sweep.config import load_config
+    from sweep.study import create_or_load_study, make_storage
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'p.db'}")
+    config = load_config(None, ["trainer.max_steps=40"])
+    study = create_or_load_study(config, storage, "p")
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert study.pruner._min_resource == 10 and study.pruner._reduction_factor == 2  # the first rung: step 10
+    for name, kind in (("hyperband", optuna.pruners.HyperbandPruner), ("median", optuna.pruners.MedianPruner),
+                       ("none", optuna.pruners.NopPruner)):
+        again = create_or_load_study(load_config(None, [f"study.pruner={name}"]), storage, "p")
+        assert isinstance(again.pruner, kind)
+
+
+def test_a_slot_measures_its_memory_growth_since_its_first_trial():
+    from sweep.worker import TrialSlot
+
+    slot = TrialSlot()
+    assert slot.memory_growth_gib() is None  # no trial yet
+    slot._note_memory()  # what the end of its first trial does
+    held = bytearray(300 * 2**20)
+    held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page: resident
+    assert slot.memory_growth_gib() > 0.25
+    del held
