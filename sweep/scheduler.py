@@ -108,7 +108,7 @@ def run_sweep(
     cpus_per_trial = _cpus_per_trial(config, profile)
     work_dir = Path(orchestration.artifacts_dir).expanduser().resolve() / study_name
     start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
-    concurrency = _concurrency(config, profile)
+    concurrency = _concurrency(config, profile, cpus_per_trial)
 
     storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
     study = create_or_load_study(config, storage, study_name)
@@ -226,7 +226,11 @@ def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, s
             log_to_driver=True,
         )
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SweepError(f"--address {address}: cannot join the Ray cluster ({first_line})") from None
         else:
             # A local Ray only offers GPUs a GPU profile asked for: with the cpu
             # profile, trials must not wait for a GPU slot.
@@ -664,13 +668,23 @@ def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:
     return {"num_cpus": cpus_per_trial, "num_gpus": 1 if profile.uses_gpu else 0}
 
 
-def _concurrency(config: SweepConfig, profile: GpuProfile) -> int:
-    """Slots: `orchestration.concurrency`, else every GPU of the Ray cluster (1 on the cpu profile)."""
+def _concurrency(config: SweepConfig, profile: GpuProfile, cpus_per_trial: int) -> int:
+    """Slots: `orchestration.concurrency`, else every GPU of the Ray cluster (1 on the cpu profile).
+
+    Never more than the cluster holds: a slot Ray cannot place would take trials and never run them.
+    """
     import ray
 
-    if config.orchestration.concurrency:
-        return config.orchestration.concurrency
-    return max(1, int(ray.cluster_resources().get("GPU", 0))) if profile.uses_gpu else 1
+    resources = ray.cluster_resources()
+    if profile.uses_gpu:
+        room = int(resources.get("GPU", 0))
+    else:
+        room = int(resources.get("CPU", 1) // cpus_per_trial)
+    wanted = config.orchestration.concurrency or (room if profile.uses_gpu else 1)
+    if wanted > room:
+        log.warning("Concurrency %d: the Ray cluster holds %d slot(s) of %s; running %d", wanted, room,
+                    "1 GPU" if profile.uses_gpu else f"{cpus_per_trial} CPU(s)", max(room, 1))
+    return max(1, min(wanted, room))
 
 
 def _cpus_per_trial(config: SweepConfig, profile: GpuProfile) -> int:
