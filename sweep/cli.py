@@ -241,6 +241,8 @@ def format_table(status: dict) -> str:
     rows = []
     for t in status["trials"]:
         note = t.get("fail_reason") or ("infeasible" if t.get("feasible") is False else "")
+        if t["state"] == "PRUNED" and t.get("train_steps"):
+            note = f"pruned at step {t['train_steps']}"
         if status.get("pick") and status["pick"]["number"] == t["number"]:
             note = "<- pick" + (f"; {note}" if note else "")
         rows.append([

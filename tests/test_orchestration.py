@@ -47,6 +47,8 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
     for t in complete:
         assert t["train_steps"] == 24 and [s for s, _ in t["intermediate"]] == [6, 12]
         assert set(t["scores"]) and t["adapter_dir"]
+    table = cli("status", "--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--study", "sh")
+    assert f"pruned at step {pruned[0]['train_steps']}" in table
     # One slot with a resident base: the base is loaded once for the baseline and all 12 trials.
     loads = [m for m in _sweep_logs(caplog) if m.startswith("Loaded base")]
     assert loads == [loads[0]] and loads[0].endswith("(slot 0)")
