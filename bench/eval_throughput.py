@@ -14,7 +14,7 @@ The trial's training time is the proxy run of configs/mistral-7b-a100.yaml
 (`max_steps` x `pack_length` tokens) at the tokens/s measured by
 bench/trainer_throughput.py on the same card (its JSON).
 
-    python bench/eval_throughput.py --train-json bench/results/trainer_throughput-h100.json \\
+    python bench/eval_throughput.py --probe --repeat 3 --train-json bench/results/trainer_throughput-h100.json \\
         --out bench/results/eval_throughput-h100.json
     python bench/eval_throughput.py --shape tiny --device cpu --scale 0.02 --out /tmp/e.json   # smoke test
 """
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fuse-kernels", default="auto", choices=("auto", "true", "false"),
                         help="evaluator.fuse_kernels")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="score the tasks this many times in one process (later passes: no one-time costs)")
+                        help="passes over the tasks in one process: the first task by task, later ones in one call "
+                             "as a trial does, without the process's one-time costs")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the config's generation.max_new_tokens")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each task's documents (smoke tests)")
     parser.add_argument("--train-json", help="bench/trainer_throughput.py result of the same card")
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pack-length", type=int, default=8192)
     parser.add_argument("--probe", action="store_true", help="also time decode steps of each scoring variant")
     parser.add_argument("--cprofile", metavar="TASKS", default="",
-                        help="print the Python profile of scoring these tasks (comma-separated)")
+                        help="print the Python profile of scoring these tasks (comma-separated; `all`: the "
+                             "last one-call pass)")
     # Generation first: it dominates, and a run cut short still measures it.
     parser.add_argument("--tasks", default="gsm8k,cnn_dailymail_abisee,hendrycks_math,ethics_x5,mmlu,truthfulqa_mc1,"
                                            "bbq,bigbench_anachronisms,bigbench_analogical_similarity")
@@ -237,30 +239,45 @@ def main(argv=None) -> int:
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=gen_batch)
     fuse = {"true": True, "false": False}.get(args.fuse_kernels, "auto")
     result.update(fuse_kernels=fuse, repeats=[])
-    for repeat in range(args.repeat):
-        # The first pass pays one-time costs (kernel compilation, CUDA warm-up) as a trial's process does.
-        tasks = result["tasks"] if repeat == 0 else {}
-        for name in [t for t in args.tasks.split(",") if t]:
-            suite, kind, *_ = SHAPES[name]
-            metric = "acc" if kind == "multiple_choice" else "exact_match"
-            task = TaskConfig(name=f"bench_{name}", metric=metric, data_file=str(task_dir / "data" / f"{name}.jsonl"),
-                              max_new_tokens=MAX_NEW_TOKENS.get(name))
-            profiler = cProfile.Profile() if name in args.cprofile.split(",") and repeat == 0 else None
-            profiler.enable() if profiler else None
-            evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation, dequantize=False,
-                                 memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
-            if profiler:
-                profiler.disable()
-                stats = pstats.Stats(profiler)
-                stats.sort_stats("cumulative").print_stats(40)
-                stats.sort_stats("tottime").print_stats(25)
-            tasks[name] = {"suite": suite, "output_type": kind, "documents": counts[name],
-                           "seconds": evaluated.eval_seconds}
-            print(json.dumps({f"{name} (pass {repeat + 1})": tasks[name]}), flush=True)
-            save()
-        if repeat:
-            result["repeats"].append({"tasks": tasks, "eval_seconds": result["dense_setup_seconds"]
-                                      + sum(t["seconds"] for t in tasks.values())})
+    tasks = {}
+    for name in [t for t in args.tasks.split(",") if t]:
+        suite, kind, *_ = SHAPES[name]
+        metric = "acc" if kind == "multiple_choice" else "exact_match"
+        data_file = str(task_dir / "data" / f"{name}.jsonl")
+        tasks[name] = TaskConfig(name=f"bench_{name}", metric=metric, data_file=data_file,
+                                 max_new_tokens=MAX_NEW_TOKENS.get(name))
+    # Pass 1 scores the tasks one by one (the per-task times) and pays the one-time costs of a process
+    # (kernel compilation, CUDA warm-up), as a worker's first trial does.
+    for name, task in tasks.items():
+        suite, kind, *_ = SHAPES[name]
+        profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
+        profiler.enable() if profiler else None
+        evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation, dequantize=False,
+                             memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
+        if profiler:
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(25)
+        result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
+                                 "seconds": evaluated.eval_seconds}
+        print(json.dumps({name: result["tasks"][name]}), flush=True)
+        save()
+    # Later passes score all tasks in one call, as a trial does, in a process that has scored before: a
+    # worker that keeps its base loaded from trial to trial.
+    for repeat in range(1, args.repeat):
+        profiler = cProfile.Profile() if "all" in args.cprofile.split(",") and repeat == args.repeat - 1 else None
+        profiler.enable() if profiler else None
+        evaluated = evaluate(model, tokenizer, list(tasks.values()), task_dir, args.batch_size, generation,
+                             dequantize=False, memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
+        if profiler:
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative").print_stats(60)
+            stats.sort_stats("tottime").print_stats(30)
+        result["repeats"].append(result["dense_setup_seconds"] + evaluated.eval_seconds)
+        print(json.dumps({"all tasks in one call": evaluated.eval_seconds}), flush=True)
+        save()
     copy.__exit__(None, None, None)
     if args.device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -272,8 +289,8 @@ def main(argv=None) -> int:
             "train_tokens_per_second": train_tps, "train_steps": args.train_steps, "pack_length": args.pack_length,
             "train_seconds": train_seconds, "eval_share": eval_seconds / (eval_seconds + train_seconds),
             "train_steps_for_15_percent": math.ceil(eval_seconds * 85 / 15 * train_tps / args.pack_length),
-            **({"eval_share_repeat": [r["eval_seconds"] / (r["eval_seconds"] + train_seconds)
-                                      for r in result["repeats"]]} if result["repeats"] else {}),
+            **({"eval_share_repeats": [r / (r + train_seconds) for r in result["repeats"]]}
+               if result["repeats"] else {}),
         })
     save()
     print(json.dumps({k: v for k, v in result.items() if k not in ("tasks", "probe")}, indent=2))
