@@ -258,7 +258,7 @@ class TrialSlot:
         try:
             trained = train(
                 model, tokenizer, data.rows, spec.train, seed=spec.seed, memory_budget_gib=spec.memory_cap_gib,
-                on_step=progress.step, checkpoints=spec.rungs if reporter is not None else (),
+                on_step=progress.step, on_start=progress.start, checkpoints=spec.rungs if reporter is not None else (),
                 on_checkpoint=lambda step: progress.rung(step, _rung_value(model, tokenizer, spec, step)),
             )
             pruned = trained.steps < trained.planned_steps
@@ -313,6 +313,9 @@ class _Progress:
         self.intermediate: list[tuple[int, float]] = []
         self._last = 0.0
         self._total = spec.train.max_steps or 0
+
+    def start(self, planned_steps: int) -> None:
+        self._total = planned_steps
 
     def step(self, step: int, loss: float) -> None:
         now = time.time()

@@ -70,9 +70,10 @@ def test_a_checkpoint_callback_stops_the_run_early(data):
     tokenizer, rows = data
     seen = []
     model = attach_lora(load_base_model(MODEL, "cpu"), CONFIG.lora)
+    planned = []
     result = train(model, tokenizer, rows, CONFIG, seed=0, checkpoints=[0.25, 0.5],
-                   on_checkpoint=lambda step: seen.append(step) or step >= 3)
-    assert seen == [2, 3] == checkpoint_steps_of([0.25, 0.5], 6)
+                   on_checkpoint=lambda step: seen.append(step) or step >= 3, on_start=planned.append)
+    assert seen == [2, 3] == checkpoint_steps_of([0.25, 0.5], 6) and planned == [6]
     assert result.steps == 3 and result.planned_steps == 6 and len(result.losses) == 3
     assert checkpoint_steps_of([0.5, 1.0, 0.99], 4) == [2]  # never the last step
 

@@ -405,6 +405,7 @@ def train(
     on_step: Optional[Callable[[int, float], None]] = None,
     checkpoints: Sequence[float] = (),
     on_checkpoint: Optional[Callable[[int], bool]] = None,
+    on_start: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
     """Trains the LoRA parameters of `model` (a PeftModel) on `rows`.
 
@@ -423,6 +424,7 @@ def train(
         on_checkpoint: called with the step at each checkpoint, after the
             optimizer step; returning True stops the run there (the result
             then has `steps` < `planned_steps`).
+        on_start: called with the planned number of steps before the first one.
 
     Raises:
         TrainingOutOfMemory: the GPU ran out of memory (the message names the micro-batch).
@@ -473,6 +475,8 @@ def train(
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
 
+    if on_start is not None:
+        on_start(steps)
     stream = iter(batches)
     losses: list[tuple[int, float]] = []
     real_tokens = timed_tokens = 0
