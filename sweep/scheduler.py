@@ -121,6 +121,7 @@ def run_sweep(
     store = Store(storage_url)
     n_trials = recover_stale_trials(study, store, n_trials, orchestration.heartbeat_seconds,
                                     orchestration.max_retries)
+    task_dir = str(prepare_tasks(config, work_dir))
     pool = SlotPool(concurrency, _remote_options(profile, cpus_per_trial), orchestration.resident_base,
                     orchestration.memory_growth_margin_gib)
     run = _Run(
@@ -128,7 +129,7 @@ def run_sweep(
         study=study,
         store=store,
         work_dir=work_dir,
-        task_dir=str(prepare_tasks(config, work_dir)),
+        task_dir=task_dir,
         storage=storage,
         pool=pool,
         mailbox=ray.remote(Mailbox).options(num_cpus=0).remote(),
