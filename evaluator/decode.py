@@ -293,9 +293,10 @@ class _Session:
                 done = i + 1
                 if i + 1 == max_new_tokens:
                     break
-                if (i + 1) % check_every == 0 and _all_finished(new[:, : i + 1], finished, stop_check,
-                                                                eos_token_id):
-                    break
+                # At a check, the tokens so far come back to the host (one sync), and the next step is queued
+                # before the stop sequences are looked for, so the GPU is not idle meanwhile; if every row has
+                # finished, that step's token is simply not kept.
+                so_far = new[:, : i + 1].tolist() if (i + 1) % check_every == 0 else None
                 self.position.add_(1)
                 self.step.ids.copy_(token[:, None])
                 if i == 2 and self.use_graph and self.step.graph is None:
@@ -305,6 +306,8 @@ class _Session:
                     capture += _synced(device)
                 token = self.step.run()
                 self.slot.add_(1)
+                if so_far is not None and _all_finished(so_far, finished, stop_check, eos_token_id):
+                    break
         new = new[:, :done]
         log.debug("decoded %d rows: prefill of %d tokens %.2fs, %d steps %.2fs (graph capture %.2fs)",
                   rows, prompt, prefilled - started, done, _synced(device) - prefilled - capture, capture)
@@ -326,7 +329,8 @@ def _prefill_mask(valid, prompt: int, width: int):
 
     causal = torch.ones((prompt, width), dtype=torch.bool, device=valid.device).tril()
     mask = causal[None] & valid[:, None, :width]
-    mask[:, torch.arange(prompt), torch.arange(prompt)] = True
+    diagonal = torch.arange(prompt, device=valid.device)  # indices on the device: no wait for the GPU here
+    mask[:, diagonal, diagonal] = True
     return mask
 
 
@@ -346,9 +350,8 @@ def _synced(device) -> float:
     return time.perf_counter()
 
 
-def _all_finished(new, finished, stop_check, eos_token_id) -> bool:
-    """Updates `finished` from the new tokens so far (one sync); True when every row has finished."""
-    rows = new.tolist()
+def _all_finished(rows: list[list[int]], finished, stop_check, eos_token_id) -> bool:
+    """Updates `finished` from each row's new tokens so far; True when every row has finished."""
     for i, row in enumerate(rows):
         if not finished[i] and eos_token_id is not None and eos_token_id in row:
             finished[i] = True

@@ -102,6 +102,13 @@ def evaluate(
     saved_cache = [getattr(c, "use_cache", None) for c in configs]
     for c in configs:
         c.use_cache = True
+    # Scoring passes explicit 4D masks (padding, shared-prefix blocks): flex attention, which trials train
+    # with, would turn each into a block mask. Scoring runs sdpa and puts the model's own back afterwards.
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_attention = getattr(getattr(core, "config", None), "_attn_implementation", None)
+    switch_attention = saved_attention not in (None, "sdpa", "eager") and hasattr(core, "set_attn_implementation")
+    if switch_attention:
+        core.set_attn_implementation("sdpa")
     device = next(model.parameters()).device
     dense = use_dense(model, dequantize, device, memory_budget_gib)
     fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
@@ -114,6 +121,8 @@ def evaluate(
     finally:
         for c, value in zip(configs, saved_cache, strict=True):
             c.use_cache = value
+        if switch_attention:
+            core.set_attn_implementation(saved_attention)
         if was_training:
             model.train()
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense)

@@ -34,7 +34,6 @@ def shared_prefix_loglikelihoods(
         max_length: the most tokens one row may hold (the model's context).
         token_budget: padded tokens per forward pass.
     """
-    import torch
 
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(core.parameters()).device
@@ -43,12 +42,20 @@ def shared_prefix_loglikelihoods(
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     rows.sort(key=lambda r: -r.length)
     start = 0
+    pending = None
     while start < len(rows):
         width = rows[start].length  # the longest row of the batch (rows are sorted)
         count = max(1, min(len(rows) - start, token_budget // width))
         batch = rows[start : start + count]
         start += count
-        _score_batch(core, batch, requests, results, width, device, keeps_logits, torch)
+        # The next batch goes to the GPU before this one's results are read back: the GPU never waits for
+        # the CPU to build a batch.
+        launched = _launch_batch(core, batch, requests, width, device, keeps_logits)
+        if pending is not None:
+            _collect(*pending, results)
+        pending = launched
+    if pending is not None:
+        _collect(*pending, results)
     return results  # type: ignore[return-value]
 
 
@@ -70,8 +77,10 @@ def _rows(requests, max_length: int) -> list[_Row]:
     return rows
 
 
-def _score_batch(core, batch: list[_Row], requests, results, width: int, device, keeps_logits: bool, torch) -> None:
+def _launch_batch(core, batch: list[_Row], requests, width: int, device, keeps_logits: bool):
+    """Queues one batch's forward pass; returns what `_collect` needs to read its results."""
     import numpy as np
+    import torch
 
     n = len(batch)
     # Rows padded to a multiple of 16: attention kernels with a mask need its rows aligned, or fall back to a
@@ -97,34 +106,63 @@ def _score_batch(core, batch: list[_Row], requests, results, width: int, device,
             # Token 0 is predicted by the context's last token, token t by the continuation's token t - 1.
             targets.append((i, b, [c - 1] + list(range(at, at + k - 1)), continuation))
             at += k
-    ids, positions, segment = torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(segment)
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    mask |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no all-masked row (NaN in sdpa)
     needed = sorted({p for _, _, where, _ in targets for p in where})
     column = {p: j for j, p in enumerate(needed)}
-    kwargs = {"logits_to_keep": torch.tensor(needed, device=device)} if keeps_logits else {}
+    rows_index, cols_index, tokens = [], [], []
+    for _, b, where, continuation in targets:
+        rows_index += [b] * len(where)
+        cols_index += [column[p] for p in where]
+        tokens += continuation
+    ids, positions, segment, needed, rows_index, cols_index, tokens = (
+        _to_device(torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.tensor(a), device)
+        for a in (ids, positions, segment, needed, rows_index, cols_index, tokens)
+    )
     with torch.no_grad():
-        logits = core(
-            input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask[:, None].to(device),
-            use_cache=False, **kwargs,
-        ).logits
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+        mask |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows see themselves: no NaN in sdpa
+        kwargs = {"logits_to_keep": needed} if keeps_logits else {}
+        logits = core(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], use_cache=False,
+                      **kwargs).logits
         if not keeps_logits:
             logits = logits[:, needed]
-        rows_index, cols_index, tokens = [], [], []
-        for _, b, where, continuation in targets:
-            rows_index += [b] * len(where)
-            cols_index += [column[p] for p in where]
-            tokens += continuation
-        picked = logits[torch.tensor(rows_index, device=device), torch.tensor(cols_index, device=device)]
-        logprobs = torch.log_softmax(picked.float(), dim=-1)
-        token_ids = torch.tensor(tokens, device=device)
-        chosen = logprobs.gather(-1, token_ids[:, None])[:, 0].cpu()
-        greedy = (logprobs.argmax(-1) == token_ids).cpu()
+        logprobs = torch.log_softmax(logits[rows_index, cols_index].float(), dim=-1)
+        chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+        greedy = logprobs.argmax(-1) == tokens
+    return targets, _from_device(chosen), _from_device(greedy)
+
+
+def _to_device(tensor, device):
+    """A host tensor on `device`, copied without blocking the host (pinned memory) when that is a GPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _from_device(tensor):
+    """A copy of `tensor` on the host, started now; read it after `torch.cuda` has finished (see `_collect`)."""
+    import torch
+
+    if tensor.device.type != "cuda":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _collect(targets, chosen, greedy, results) -> None:
+    """Sums each request's log-probabilities once its batch has finished."""
+    for _, done in (chosen, greedy):
+        if done is not None:
+            done.synchronize()
     # Each request's tokens are consecutive, in `targets` order: sum and check them per run.
     at = 0
-    chosen, greedy = chosen.tolist(), greedy.tolist()
+    chosen, greedy = chosen[0].tolist(), greedy[0].tolist()
     for i, _, where, _ in targets:
         end = at + len(where)
         results[i] = (float(sum(chosen[at:end])), all(greedy[at:end]))

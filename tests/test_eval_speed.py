@@ -393,3 +393,51 @@ def test_fused_kernels_on_gpu_keep_the_logits_and_greedy_tokens(demo_base_dir):
     assert (compiled - reference).abs().max() < 0.05 * reference.abs().max()
     assert (compiled.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
     assert (compiled_tokens == tokens).float().mean() > 0.9
+
+
+@pytest.mark.gpu
+def test_shared_prefix_loglikelihoods_on_gpu_read_back_every_batch(demo_base_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluator.harness import _language_model
+    from evaluator.prefix import shared_prefix_loglikelihoods
+    from trainer.model import load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
+    model, tok = load_base_model(config, "cuda", attn_implementation="sdpa"), load_tokenizer(config)
+    model.eval()
+    lm = _language_model(model, tok, 4, None, None)
+    requests = []
+    for q in ("Question: which is even?\nAnswer:", "The river city market report says", "Q: 12 plus 7 is\nA:"):
+        context = tok(q, add_special_tokens=False)["input_ids"]
+        for c in (" one", " two apples and pears", " 19", " nineteen of them"):
+            requests.append(((q, c), context, tok(c, add_special_tokens=False)["input_ids"]))
+    pairs = [(c, k) for _, c, k in requests]
+    with torch.no_grad():
+        one_batch = shared_prefix_loglikelihoods(model, pairs, 512, token_budget=4096)
+        # One row per batch: each batch's results are read back while the next one runs.
+        pipelined = shared_prefix_loglikelihoods(model, pairs, 512, token_budget=1)
+        theirs = HFLM._loglikelihood_tokens(lm, requests)
+    values = [v for v, _ in pipelined]
+    assert len({round(v, 1) for v in values}) > 6  # the requests do differ
+    # bf16 on a GPU: batches of other shapes round differently, by a few hundredths of a sum of log-probs.
+    assert values == pytest.approx([v for v, _ in one_batch], rel=0.02, abs=0.1)
+    assert values == pytest.approx([v for v, _ in theirs], rel=0.02, abs=0.1)
+
+
+def test_scoring_runs_sdpa_and_gives_the_model_its_attention_back(adapted, tmp_path):
+    from evaluator.harness import evaluate
+    from evaluator.micro import write_micro_task
+
+    model, tok = adapted
+    core = model.get_base_model()
+    write_micro_task("t_mc", "micro_mc", tmp_path / "tasks", n=12)
+    tasks = [TaskConfig(name="t_mc", generator="micro_mc", num_docs=12, metric="acc")]
+    reference = evaluate(model, tok, tasks, tmp_path / "tasks", 8, None, dequantize=False)
+    core.set_attn_implementation("flex_attention")  # what trials train with on a GPU
+    try:
+        scored = evaluate(model, tok, tasks, tmp_path / "tasks", 8, None, dequantize=False)
+        assert core.config._attn_implementation == "flex_attention"
+    finally:
+        core.set_attn_implementation("sdpa")
+    assert scored.scores == reference.scores
