@@ -347,8 +347,9 @@ def _rung_value(model, tokenizer, spec: TrialSpec, step: int) -> float:
     config = spec.eval
     tasks = rung_tasks(config, spec.rung_eval_docs)
     use_attention(model, "sdpa")
+    _release_cached_memory(spec.device)  # the activations' blocks: room for the dense copy (`dequantize: auto`)
     try:
-        evaluated = _score(model, tokenizer, tasks, config, spec.task_dir, spec.memory_cap_gib, dequantize=False)
+        evaluated = _score(model, tokenizer, tasks, config, spec.task_dir, spec.memory_cap_gib)
     finally:
         use_attention(model, attention_implementation(spec.model, spec.device))
         restore_training_layout(model)

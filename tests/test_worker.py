@@ -81,3 +81,45 @@ def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path
     assert 0 < result.mfu < 1 and result.projected_full_run_hours > 0
     assert result.wall_seconds >= result.train_seconds + result.eval_seconds
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.gpu
+def test_a_gpu_trial_with_a_rung_scores_it_on_the_dense_copy_and_trains_on(demo_base_dir, tmp_path):
+    """A rung's quick eval on a GPU (dense copy of the base, fused kernels) leaves the resident base and the
+    adapter's training as they were: the trial trains on to its last step and its loss still falls."""
+    from evaluator.fast import quantized_linears
+    from evaluator.harness import write_choice_task
+    from sweep.worker import TrialSlot, TrialSpec
+    from trainer.data import heldout_docs, write_choice_docs
+
+    source = SourceConfig(name="digits", kind="synthetic", num_train=2400, num_eval=100)
+    data_file = write_choice_docs(heldout_docs(source), tmp_path / "data" / "digits.jsonl", "alpaca")
+    write_choice_task("gpu_digits", data_file, tmp_path / "tasks")
+    spec = TrialSpec(
+        study_name="gpu", trial_number=0, seed=0, params={},
+        model=ModelConfig(name_or_path=DEMO_MODEL_ID),
+        data=DataConfig(sources=[source], template="alpaca", max_seq_length=64),
+        train=TrainConfig(learning_rate=1e-3, epochs=3, max_steps=100, pack_length=320,
+                          lora=LoraConfig(r=8, alpha=16)),
+        eval=EvalConfig(tasks=[TaskConfig(name="gpu_digits", metric="acc")], batch_size=32),
+        task_dir=str(tmp_path / "tasks"), adapter_dir=str(tmp_path / "adapter"), device="cuda",
+        memory_cap_gib=39.35, target_tflops=312.0, rungs=(0.5,), rung_eval_docs=32,
+    )
+
+    class Reporter:
+        rungs: list = []
+
+        def progress(self, trial_number, step, total_steps, loss):
+            pass
+
+        def rung(self, trial_number, step, value):
+            self.rungs.append((step, value))
+            return False  # train on
+
+    slot, reporter = TrialSlot(resident=True), Reporter()
+    result = slot.run(spec, reporter)
+    assert [step for step, _ in reporter.rungs] == [50] and 0.0 <= reporter.rungs[0][1] <= 1.0
+    assert result.train_steps == 100 and not result.pruned
+    assert result.final_loss is not None and result.final_loss < 1.5
+    assert 0.0 <= result.scores["gpu_digits"] <= 1.0
+    assert len(quantized_linears(slot._base)) > 0  # the resident base, its adapter detached
