@@ -91,6 +91,23 @@ def test_qlora_step_on_gpu_uses_bfloat16_compute(rows, tmp_path):
 
 
 @pytest.mark.gpu
+def test_a_checkpoints_memory_is_not_counted_in_the_training_peak(rows):
+    tok = load_tokenizer(MODEL)
+    model = attach_lora(load_base_model(MODEL, "cuda"), LoraConfig(r=8, alpha=16))
+    held = []
+
+    def rung(step):  # a rung's eval: 2 GiB for a while, freed before training goes on
+        held.append(torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda"))
+        held.clear()
+        return False
+
+    result = train(model, tok, rows, TrainConfig(max_steps=6, pack_length=512), seed=0, checkpoints=(0.5,),
+                   on_checkpoint=rung)
+    assert result.steps == 6
+    assert 0 < result.peak_memory_gib < 1.0  # the tiny model's training alone
+
+
+@pytest.mark.gpu
 def test_out_of_memory_names_the_micro_batch(rows):
     tok = load_tokenizer(MODEL)
     model = attach_lora(load_base_model(MODEL, "cuda"), LoraConfig(r=8, alpha=16))

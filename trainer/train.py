@@ -483,6 +483,7 @@ def train(
     start = time.perf_counter()
     timed_from = start
     paused = 0.0
+    training_peak = 0
     try:
         for step in range(1, steps + 1):
             micro = [next(stream) for _ in range(accumulation)]
@@ -513,8 +514,12 @@ def train(
                 on_step(step, step_loss)
             if on_checkpoint is not None and step in checkpoint_steps:
                 paused_from = time.perf_counter()
+                if on_gpu:  # nor is its memory: the training peak so far is kept, the eval's left out
+                    training_peak = max(training_peak, torch.cuda.max_memory_allocated(device))
                 stop = on_checkpoint(step)
                 paused += time.perf_counter() - paused_from  # a rung's eval is not training time
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
                 if stop:
                     steps = step
                     break
@@ -541,7 +546,7 @@ def train(
         tps = timed_tokens / (end - timed_from) if end > timed_from else 0.0
     else:
         tps = real_tokens / seconds if seconds > 0 else 0.0
-    peak = torch.cuda.max_memory_allocated(device) / GIB if on_gpu else None
+    peak = max(training_peak, torch.cuda.max_memory_allocated(device)) / GIB if on_gpu else None
     final = losses[-1][1] if losses else None
     return TrainResult(
         steps=steps,
