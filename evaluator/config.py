@@ -40,6 +40,11 @@ class TaskConfig:
         default=None,
     )
     limit: Optional[int] = doc("Score only the first N documents (None: all).", default=None)
+    rung_limit: Optional[int] = doc(
+        "Documents in a rung's quick eval (per subtask for a group such as mmlu's 57 subjects: lm-eval limits "
+        "each); null: study.rung_eval_docs, at most `limit`.",
+        default=None,
+    )
     weight: float = doc("Weight of this task in its suite's aggregate.", default=1.0)
     chance: float = doc(
         "Score of a blind guess (e.g. 0.25 for four choices): with `normalize: chance` the aggregate counts "
@@ -69,6 +74,8 @@ class TaskConfig:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
+        if self.rung_limit is not None and self.rung_limit < 1:
+            raise ValueError(f"rung_limit: must be >= 1 or null, got {self.rung_limit}")
         if not self.weight > 0:
             raise ValueError(f"weight: must be > 0, got {self.weight}")
         if not 0.0 <= self.chance < 1.0:

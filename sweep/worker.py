@@ -332,11 +332,11 @@ class _Progress:
 
 
 def rung_tasks(config: EvalConfig, docs: int) -> list:
-    """A rung's quick eval: the objective suite's tasks, each on its first `docs` documents."""
+    """A rung's quick eval: the objective suite's tasks, each on its first `docs` documents (or its `rung_limit`)."""
     import dataclasses
 
     tasks = config.suite_tasks()[config.objective_suite]
-    return [dataclasses.replace(t, limit=min(t.limit or docs, docs)) for t in tasks]
+    return [dataclasses.replace(t, limit=t.rung_limit or min(t.limit or docs, docs)) for t in tasks]
 
 
 def _rung_value(model, tokenizer, spec: TrialSpec, step: int) -> float:

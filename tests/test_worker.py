@@ -123,3 +123,17 @@ def test_a_gpu_trial_with_a_rung_scores_it_on_the_dense_copy_and_trains_on(demo_
     assert result.final_loss is not None and result.final_loss < 1.5
     assert 0.0 <= result.scores["gpu_digits"] <= 1.0
     assert len(quantized_linears(slot._base)) > 0  # the resident base, its adapter detached
+
+
+def test_a_rungs_quick_eval_takes_the_first_documents_of_the_objectives_tasks():
+    from evaluator.config import SuiteConfig
+    from sweep.worker import rung_tasks
+
+    config = EvalConfig(suites={
+        "open": SuiteConfig(tasks=[TaskConfig(name="gsm8k", limit=200), TaskConfig(name="small", limit=10),
+                                   TaskConfig(name="mmlu", limit=20, rung_limit=1), TaskConfig(name="all")]),
+        "heldout": SuiteConfig(tasks=[TaskConfig(name="ethics", limit=300)]),
+    }, optimize="open")
+    limits = {t.name: t.limit for t in rung_tasks(config, 32)}
+    # mmlu's limit holds per subject (57 of them): its own rung_limit keeps the rung quick.
+    assert limits == {"gsm8k": 32, "small": 10, "mmlu": 1, "all": 32}
