@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 
 ATTENTION = "sweep_decode"
-GROUPED_SDPA = True
 
 
 def _register_attention() -> None:
@@ -55,14 +54,8 @@ def _register_attention() -> None:
         if attention_mask is not None:
             mask = attention_mask[..., :length].reshape(batch, 1, 1, length)
             mask = mask if mask.dtype == torch.bool else mask >= 0
-        if GROUPED_SDPA:
-            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-            return out.reshape(batch, 1, heads, dim), None
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)  # [batch, kv_heads, group, dim]
-        return out.reshape(batch, 1, heads, dim), None
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(batch, 1, heads, dim), None  # [batch, kv_heads, group, dim] -> [batch, 1, heads, dim]
 
     AttentionInterface.register(ATTENTION, attention)
 
@@ -183,7 +176,6 @@ class GreedyDecoder:
             out = session.generate(input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id,
                                    pad_token_id, check_every, prefill_rows or session.batch)
         return out[:rows]
-
 
     def cache_bytes(self) -> int:
         """Bytes the kept static cache holds (freed when a batch needs a bigger one)."""
