@@ -51,17 +51,16 @@ def test_a_trial_over_the_memory_cap_fails_with_the_reason_and_the_next_one_trai
     torch.cuda.empty_cache()
 
 
-@pytest.mark.gpu
-def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path):
-    """The whole trial on a GPU: packed training (flex-attention), scoring with lm-eval (sdpa), the adapter saved."""
+def _digits_trial_on_gpu(tmp_path, **kwargs):
+    """A 100-step trial of the demo base on the digit task, scored on its held-out split, on the GPU."""
     from evaluator.harness import write_choice_task
-    from sweep.worker import TrialSpec, run_trial
+    from sweep.worker import TrialSpec
     from trainer.data import heldout_docs, write_choice_docs
 
     source = SourceConfig(name="digits", kind="synthetic", num_train=2400, num_eval=100)
     data_file = write_choice_docs(heldout_docs(source), tmp_path / "data" / "digits.jsonl", "alpaca")
     write_choice_task("gpu_digits", data_file, tmp_path / "tasks")
-    spec = TrialSpec(
+    return TrialSpec(
         study_name="gpu", trial_number=0, seed=0, params={},
         model=ModelConfig(name_or_path=DEMO_MODEL_ID),
         data=DataConfig(sources=[source], template="alpaca", max_seq_length=64),
@@ -69,9 +68,16 @@ def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path
                           lora=LoraConfig(r=8, alpha=16)),
         eval=EvalConfig(tasks=[TaskConfig(name="gpu_digits", metric="acc")], batch_size=32),
         task_dir=str(tmp_path / "tasks"), adapter_dir=str(tmp_path / "adapter"), device="cuda",
-        memory_cap_gib=39.35, target_tflops=312.0,
+        memory_cap_gib=39.35, target_tflops=312.0, **kwargs,
     )
-    result = run_trial(spec)
+
+
+@pytest.mark.gpu
+def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path):
+    """The whole trial on a GPU: packed training (flex-attention), scoring with lm-eval (sdpa), the adapter saved."""
+    from sweep.worker import run_trial
+
+    result = run_trial(_digits_trial_on_gpu(tmp_path))
     print(f"GPU trial: acc={result.scores['gpu_digits']:.3f} tok/s={result.tokens_per_second:.0f} "
           f"peak={result.peak_memory_gib:.3f} GiB mfu={result.mfu:.2e} "
           f"full run={result.projected_full_run_hours:.4f} h")
@@ -88,23 +94,9 @@ def test_a_gpu_trial_with_a_rung_scores_it_on_the_dense_copy_and_trains_on(demo_
     """A rung's quick eval on a GPU (dense copy of the base, fused kernels) leaves the resident base and the
     adapter's training as they were: the trial trains on to its last step and its loss still falls."""
     from evaluator.fast import quantized_linears
-    from evaluator.harness import write_choice_task
-    from sweep.worker import TrialSlot, TrialSpec
-    from trainer.data import heldout_docs, write_choice_docs
+    from sweep.worker import TrialSlot
 
-    source = SourceConfig(name="digits", kind="synthetic", num_train=2400, num_eval=100)
-    data_file = write_choice_docs(heldout_docs(source), tmp_path / "data" / "digits.jsonl", "alpaca")
-    write_choice_task("gpu_digits", data_file, tmp_path / "tasks")
-    spec = TrialSpec(
-        study_name="gpu", trial_number=0, seed=0, params={},
-        model=ModelConfig(name_or_path=DEMO_MODEL_ID),
-        data=DataConfig(sources=[source], template="alpaca", max_seq_length=64),
-        train=TrainConfig(learning_rate=1e-3, epochs=3, max_steps=100, pack_length=320,
-                          lora=LoraConfig(r=8, alpha=16)),
-        eval=EvalConfig(tasks=[TaskConfig(name="gpu_digits", metric="acc")], batch_size=32),
-        task_dir=str(tmp_path / "tasks"), adapter_dir=str(tmp_path / "adapter"), device="cuda",
-        memory_cap_gib=39.35, target_tflops=312.0, rungs=(0.5,), rung_eval_docs=32,
-    )
+    spec = _digits_trial_on_gpu(tmp_path, rungs=(0.5,), rung_eval_docs=32)
 
     class Reporter:
         rungs: list = []
