@@ -232,3 +232,24 @@ def test_a_slot_measures_its_memory_growth_since_its_first_trial():
     held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page: resident
     assert slot.memory_growth_gib() > 0.25
     del held
+
+
+def test_a_slot_whose_actor_died_is_replaced(ray_session, caplog):
+    import ray
+
+    from sweep.gpus import detect_profile
+    from sweep.scheduler import start_ray
+    from sweep.slots import SlotPool
+
+    caplog.set_level(logging.INFO, logger="sweep")
+    start_ray(None, detect_profile([]), env_vars={"HF_HUB_OFFLINE": "1"})
+    pool = SlotPool(1, {"num_cpus": 1, "num_gpus": 0}, resident=True, memory_growth_margin_gib=1.0)
+    try:
+        dead = pool.actors[0]
+        ray.kill(dead, no_restart=True)
+        pool.check(0)
+        assert pool.actors[0] is not dead
+        assert ray.get(pool.actors[0].memory_growth_gib.remote(), timeout=60) is None  # a fresh slot, alive
+        assert any(m.startswith("Replacing slot 0: its actor is gone") for m in _sweep_logs(caplog))
+    finally:
+        pool.kill_all()
