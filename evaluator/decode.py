@@ -21,6 +21,8 @@ import inspect
 import logging
 import time
 
+from evaluator.fast import core_model
+
 log = logging.getLogger(__name__)
 
 
@@ -75,11 +77,6 @@ def _decode_attention(core):
         core.set_attn_implementation(before)
 
 
-def _core_model(model):
-    """The transformers model under a peft wrapper (its forward takes the cache arguments directly)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class _Step:
     """One decode step over static buffers, run eagerly or replayed from a CUDA graph."""
 
@@ -132,7 +129,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, cuda_graph: bool = True):
-        self.core = _core_model(model)
+        self.core = core_model(model)  # its forward takes the cache arguments directly
         self.cuda_graph = cuda_graph
         self.session: _Session | None = None
 

@@ -22,6 +22,11 @@ from dataclasses import dataclass
 GIB = 2**30
 
 
+def core_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _dense_linear_class():
     import torch
 

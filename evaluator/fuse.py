@@ -20,6 +20,8 @@ import contextlib
 import functools
 import sys
 
+from evaluator.fast import core_model
+
 FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
 
 
@@ -49,7 +51,7 @@ def _kernels(backend: str):
 
 
 def can_fuse(model) -> bool:
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = core_model(model)
     config = getattr(core, "config", None)
     return type(core).__name__ in FUSED_ARCHITECTURES and getattr(config, "hidden_act", None) == "silu"
 
@@ -66,7 +68,7 @@ def fused_elementwise(model, backend: str = "inductor"):
     if not can_fuse(model):
         yield False
         return
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = core_model(model)
     prefix = FUSED_ARCHITECTURES[type(core).__name__]
     rms_norm, silu_gate, rotary = _kernels(backend)
     modeling = sys.modules[type(core).__module__]

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from evaluator.config import GenerationConfig, TaskConfig
-from evaluator.fast import dense_base, free_bytes, generation_plan, use_dense
+from evaluator.fast import core_model, dense_base, free_bytes, generation_plan, use_dense
 from evaluator.fuse import fused_elementwise
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def evaluate(
         c.use_cache = True
     # Scoring passes explicit 4D masks (padding, shared-prefix blocks): flex attention, which trials train
     # with, would turn each into a block mask. Scoring runs sdpa and puts the model's own back afterwards.
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = core_model(model)
     saved_attention = getattr(getattr(core, "config", None), "_attn_implementation", None)
     switch_attention = saved_attention not in (None, "sdpa", "eager") and hasattr(core, "set_attn_implementation")
     if switch_attention:

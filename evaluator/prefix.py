@@ -15,6 +15,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+from evaluator.fast import core_model
+
 
 @dataclass
 class _Row:
@@ -35,7 +37,7 @@ def shared_prefix_loglikelihoods(
         token_budget: padded tokens per forward pass.
     """
 
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = core_model(model)
     device = next(core.parameters()).device
     keeps_logits = "logits_to_keep" in inspect.signature(core.forward).parameters
     rows = _rows(requests, max_length)
