@@ -561,10 +561,10 @@ class _Driver:
         values = suite_values(result.scores, config.evaluator, baseline["scores"] if baseline else None)
         value = values[config.evaluator.objective_suite]
         constraints = feasibility(result, config.study.full_run_hours_limit)
+        feasible = all(v <= 0 for v in constraints.values())
         store.record_trial(study.study_name, TrialRecord(
             trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-            values=values, started_at=flight.started_at, finished_at=_now(),
-            feasible=all(v <= 0 for v in constraints.values()),
+            values=values, started_at=flight.started_at, finished_at=_now(), feasible=feasible,
             **{name: getattr(result, name) for name in MEASUREMENTS},
         ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
         # Attributes and constraints must be set before tell: a finished trial can't be updated.
@@ -584,7 +584,7 @@ class _Driver:
             trial.number, _fmt(values), _fmt(flight.params), result.train_seconds, result.tokens_per_second,
             f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
             result.eval_seconds, _duration(hours),
-            "" if all(v <= 0 for v in constraints.values()) else " (INFEASIBLE)",
+            "" if feasible else " (INFEASIBLE)",
             f"{best.number} ({best.value:.4f})" if best else "none feasible yet",
         )
         self.display.event()
