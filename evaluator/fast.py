@@ -102,39 +102,171 @@ def use_dense(model, mode: bool | str, device, memory_budget_gib: float | None) 
     return size > 0 and free is not None and size <= free / 2
 
 
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linear layers that always read the same input: in a dense copy, each group is one matmul."""
+SHARED_PROJECTION_ROWS = 1024
+"""Inputs of at most this many rows (tokens) run a group as one matmul: decode steps, bound by reading weights.
+Longer ones run each member's own (on an H100, one fused matmul over 16k tokens was slower, and its sliced
+outputs slowed the kernels after it)."""
+
+
+def _shared_projection_class():
+    import torch
+
+    class _Shared:
+        """A group's fused weight, and its last output until every member has taken its part."""
+
+        def __init__(self, weight, bias, sizes: list[int]):
+            self.weight, self.bias, self.sizes = weight, bias, sizes
+            self.input = self.parts = None
+            self.pending: set[int] = set()
+
+    class SharedProjection(torch.nn.Module):
+        """One linear layer of a group that runs as a single matmul over the group's concatenated weights.
+
+        For inputs of up to `SHARED_PROJECTION_ROWS` rows, the first member
+        called with an input computes every member's output; the others,
+        called with that same input object, take their slice. A decode step on
+        a 7B model then runs 4 matmuls a layer instead of 7, each reading a
+        larger weight, with fewer launches. Longer inputs run the member's own
+        rows of the fused weight.
+        """
+
+        def __init__(self, shared: _Shared, index: int, weight, bias):
+            super().__init__()
+            self.shared, self.index = shared, index
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)  # a view into the fused weight
+            self.bias = bias
+            self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shared = self.shared
+            if x.numel() > SHARED_PROJECTION_ROWS * x.shape[-1]:
+                # A long pass is bound by arithmetic: the members' own matmuls, whose outputs need no slicing.
+                bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+                return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+            if shared.input is not x or self.index not in shared.pending:
+                out = torch.nn.functional.linear(x.to(shared.weight.dtype), shared.weight, shared.bias).to(x.dtype)
+                shared.input, shared.parts = x, out.split(shared.sizes, dim=-1)
+                shared.pending = set(range(len(shared.sizes)))
+            part = shared.parts[self.index]
+            shared.pending.discard(self.index)
+            if not shared.pending:  # every member has its part: hold no tensor past the layer
+                shared.input = shared.parts = None
+            return part
+
+    return _Shared, SharedProjection
+
+
 @contextlib.contextmanager
-def dense_base(model, merge: bool = True):
+def dense_base(model, merge: bool = True, fuse_projections: bool = True):
     """Swaps every 4-bit linear layer of `model` for a dense copy while the block runs.
 
     With `merge`, each LoRA layer's delta (B·A·scale) is added into its dense
     copy, and the whole LoRA layer (peft's wrapper included) is swapped for
     that one dense layer, so a forward pass runs one matmul per layer and no
     adapter bookkeeping. DoRA layers, and adapters switched off, keep their
-    LoRA wrapper around a dense base. On exit the original layers come back
-    untouched; the dense copies are dropped. The model must not be trained
-    inside the block.
+    LoRA wrapper around a dense base. With `fuse_projections`, the layers of
+    each `PROJECTION_GROUPS` group (query, key and value; gate and up) are
+    dequantized into one weight and run as one matmul (`SharedProjection`).
+    On exit the original layers come back untouched; the dense copies are
+    dropped. The model must not be trained inside the block.
     """
     import torch
 
     dense_cls = _dense_linear_class()
     owners = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    # (module holding the layer, its attribute name, what is there now, the 4-bit layer, the LoRA layer to merge)
+    units = []
+    for parent, name, layer in quantized_linears(model):
+        lora = parent if merge and name == "base_layer" and _mergeable(parent) and id(parent) in owners else None
+        if lora is not None:
+            parent, name = owners[id(parent)]
+        units.append((parent, name, lora if lora is not None else layer, layer, lora))
+    groups = _projection_groups(units) if fuse_projections else {}
     swapped = []
     try:
         with torch.no_grad():
-            for parent, name, layer in quantized_linears(model):
-                dtype = layer.compute_dtype or torch.bfloat16
-                weight, bias = _dequantized(layer).to(dtype), layer.bias
-                if merge and name == "base_layer" and _mergeable(parent) and id(parent) in owners:
-                    for adapter in parent.active_adapters:
-                        if adapter in parent.lora_A:
-                            weight += parent.get_delta_weight(adapter).to(weight.device, torch.float32).to(dtype)
-                    parent, name, layer = *owners[id(parent)], parent
-                setattr(parent, name, dense_cls(weight, bias))
-                swapped.append((parent, name, layer))
+            done = set()
+            for parent, name, original, layer, lora in units:
+                if (id(parent), name) in done:
+                    continue
+                members = groups.get((id(parent), name))
+                if members is None:
+                    setattr(parent, name, dense_cls(_dense_weight(layer, lora), layer.bias))
+                    swapped.append((parent, name, original))
+                    done.add((id(parent), name))
+                    continue
+                for member, module in _shared_projections(members):
+                    setattr(member[0], member[1], module)
+                    swapped.append((member[0], member[1], member[2]))
+                    done.add((id(member[0]), member[1]))
         yield len(swapped)
     finally:
         for parent, name, layer in reversed(swapped):
             setattr(parent, name, layer)
+
+
+def _dense_weight(layer, lora):
+    """The 4-bit layer's weight in its compute dtype, with the LoRA layer's delta added when one is given."""
+    import torch
+
+    dtype = layer.compute_dtype or torch.bfloat16
+    weight = _dequantized(layer).to(dtype)
+    if lora is not None:
+        for adapter in lora.active_adapters:
+            if adapter in lora.lora_A:
+                weight += lora.get_delta_weight(adapter).to(weight.device, torch.float32).to(dtype)
+    return weight
+
+
+def _projection_groups(units) -> dict:
+    """(id of the holding module, name) -> the units of its `PROJECTION_GROUPS` group, for groups that can fuse:
+    every member swapped here, with one input size, one compute dtype, and biases on all or none."""
+    by_key = {(id(unit[0]), unit[1]): unit for unit in units}
+    groups = {}
+    for parent in {id(unit[0]): unit[0] for unit in units}.values():
+        for names in PROJECTION_GROUPS:
+            members = [by_key.get((id(parent), n)) for n in names]
+            if any(m is None for m in members):
+                continue
+            layers = [m[3] for m in members]
+            if (
+                len({(layer.in_features, layer.compute_dtype) for layer in layers}) == 1
+                and len({layer.bias is None for layer in layers}) == 1
+            ):
+                for n in names:
+                    groups[(id(parent), n)] = members
+    return groups
+
+
+def _shared_projections(members):
+    """(unit, its `SharedProjection`) for each member of a group, the dense weights written into one tensor.
+
+    Each member is dequantized straight into its rows of the fused weight, so
+    making the copy never holds more than one layer's weight twice.
+    """
+    import torch
+
+    shared_cls, projection_cls = _shared_projection_class()
+    layers = [m[3] for m in members]
+    sizes = [layer.out_features for layer in layers]
+    first = _dense_weight(layers[0], members[0][4])
+    fused = first.new_empty((sum(sizes), first.shape[1]))
+    fused[: sizes[0]].copy_(first)
+    del first
+    at = sizes[0]
+    for (_, _, _, layer, lora), size in zip(members[1:], sizes[1:], strict=True):
+        fused[at : at + size].copy_(_dense_weight(layer, lora))
+        at += size
+    bias = None
+    if layers[0].bias is not None:
+        bias = torch.cat([layer.bias.to(fused.dtype) for layer in layers])
+    shared = shared_cls(fused, bias, sizes)
+    weights, biases = fused.split(sizes), (bias.split(sizes) if bias is not None else [None] * len(sizes))
+    return [
+        (m, projection_cls(shared, i, w, b)) for i, (m, w, b) in enumerate(zip(members, weights, biases, strict=True))
+    ]
 
 
 def _dequantized(layer):
