@@ -30,34 +30,50 @@ ATTENTION = "sweep_decode"
 
 
 def _register_attention() -> None:
-    """Registers `ATTENTION`: sdpa for the prefill, and for one-token decode steps a grouped-query attention
-    that reads each key/value head once.
+    """Registers `ATTENTION`: sdpa that reads each key/value head once for all the query heads sharing it.
 
-    With an attention mask (left padding needs one), transformers' sdpa path
-    copies every key/value head once per query head sharing it (4x the cache
-    traffic on Mistral) before attending; a decode step is bound by exactly
-    that traffic. Here the query heads of a group are batched against their
-    shared key/value head instead.
+    With an attention mask (left padding and shared-prefix blocks need one),
+    transformers' sdpa path copies every key/value head once per query head
+    sharing it (4x the key/value traffic on Mistral, and two copies of a
+    layer's keys and values per forward pass) before attending. Here the query
+    heads of a group become more queries of their shared key/value head
+    instead: for a one-token decode step there is no causal mask to repeat;
+    for a longer pass the mask is repeated once per group, once per forward
+    pass (every layer gets the same mask), not per layer.
     """
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    repeated: dict = {}  # the last mask given and its repetition per query head of a group
+
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if query.shape[2] != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        batch, heads, length, dim = query.shape
+        kv_heads, keys = key.shape[1], key.shape[2]
+        if (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout
+                or (length > 1 and (attention_mask is None or attention_mask.dtype != torch.bool))):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-        batch, heads, _, dim = query.shape
-        kv_heads, length = key.shape[1], key.shape[2]
-        # The query heads sharing a key/value head become that head's queries: one fused kernel reads each
-        # key/value head once for all of them (a decode step's one token needs no causal mask).
-        q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+        group = heads // kv_heads
+        # The query heads sharing a key/value head become that head's queries, group-major: a free view when the
+        # query is laid out [batch, heads, length, dim].
+        q = query.reshape(batch, kv_heads, group * length, dim)
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[..., :length].reshape(batch, 1, 1, length)
+            mask = attention_mask[..., :keys]
             mask = mask if mask.dtype == torch.bool else mask >= 0
+            if length > 1:
+                if repeated.get("source") is not attention_mask:
+                    repeated.clear()
+                    rows = mask.shape[0]
+                    repeated.update(source=attention_mask, mask=mask[:, :, None].expand(
+                        rows, 1, group, length, keys).reshape(rows, 1, group * length, keys))
+                mask = repeated["mask"]
+            else:
+                mask = mask.reshape(batch, 1, 1, keys)
         out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-        return out.reshape(batch, 1, heads, dim), None  # [batch, kv_heads, group, dim] -> [batch, 1, heads, dim]
+        # [batch, kv_heads, group * length, dim] -> [batch, length, heads, dim]
+        return out.reshape(batch, heads, length, dim).transpose(1, 2), None
 
     AttentionInterface.register(ATTENTION, attention)
 
