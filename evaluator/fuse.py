@@ -1,4 +1,4 @@
-"""Fused elementwise kernels for scoring on a GPU: RMSNorm, rotary embeddings and the SiLU gate, compiled once.
+"""Fused elementwise kernels for scoring on a GPU: RMSNorm, rotary embeddings and the SiLU gate, compiled.
 
 Between its matmuls, a Llama-style decoder layer runs about forty small
 kernels: RMSNorm alone is six (a float32 upcast, square, mean, rsqrt,
@@ -7,8 +7,8 @@ concatenations, the MLP gate two. In a decode step their launches and
 float32 round trips cost about as much as the weights' reads; in a 16k-token
 log-likelihood pass they are a fifth of the time. `fused_elementwise` swaps
 those three functions, for the time of scoring, for `torch.compile`d versions
-of the same formulas (one compiled function serves every layer, every
-shape), then restores the model's own.
+of the same formulas (each compiled a few times per process, for every
+layer and every shape), then restores the model's own.
 
 Only architectures whose code is known to match the formulas here are
 fused (`FUSED_ARCHITECTURES`); others score unchanged.
@@ -27,7 +27,7 @@ FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistr
 
 @functools.cache
 def _kernels(backend: str):
-    """The three formulas as compiled functions (dynamic shapes: one compilation serves every batch)."""
+    """The three formulas as compiled functions (a few compilations serve every batch, see `compile` below)."""
     import torch
 
     def rms_norm(x, weight, eps: float):
@@ -44,9 +44,15 @@ def _kernels(backend: str):
         half = q.shape[-1] // 2
         q_rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
         k_rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-        return (q * cos) + (q_rotated * sin), (k * cos) + (k_rotated * sin)
+        # Written out [batch, heads, length, dim] (the projections' views are [batch, length, heads, dim]
+        # underneath): the grouped attention (`evaluator.decode`) then views the queries without a copy.
+        return ((q * cos) + (q_rotated * sin)).contiguous(), ((k * cos) + (k_rotated * sin)).contiguous()
 
-    compile = functools.partial(torch.compile, dynamic=True, backend=backend)
+    # Shapes are static at first; a dimension that changes between calls (batch, length) becomes dynamic at the
+    # recompile, the others (heads, head and hidden sizes) stay static. Compiled with every dimension dynamic
+    # (`dynamic=True`), the rotary kernel took 3x as long on an H100 (0.39 ms against 0.13 ms for the queries and
+    # keys of 16k tokens).
+    compile = functools.partial(torch.compile, backend=backend)
     return compile(rms_norm), compile(silu_gate), compile(rotary)
 
 
