@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -233,6 +234,19 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
                 prefill_rows=self.prefill_rows,
             )
 
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
+                       **kwargs):
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            cache = token_cache(self.tokenizer)
+            key = ("text", self.add_bos_token, add_special_tokens, string)
+            ids = cache.get(key)
+            if ids is None:
+                ids = super().tok_encode(string, add_special_tokens)
+                cache.put(key, ids)
+            ids = list(ids)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             pairs = [req.args for req in requests]
             if self.backend != "causal" or any(context == "" for context, _ in pairs):
@@ -302,18 +316,63 @@ def encode_pairs(lm, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list
 
 
 def _encode_texts(lm, texts: list[str]) -> list[list[int]]:
-    """`lm.tok_encode` of each text, batched: texts that start with the BOS string get no special tokens."""
+    """`lm.tok_encode` of each text, batched: texts that start with the BOS string get no special tokens.
+
+    Texts seen before with this tokenizer come from `token_cache`.
+    """
     bos = lm.tokenizer.decode(lm.prefix_token_id)
     default = {} if lm.add_bos_token is None else {"add_special_tokens": lm.add_bos_token}
+    cache = token_cache(lm.tokenizer)
     groups: dict[bool, list[int]] = {}
-    for i, text in enumerate(texts):
-        groups.setdefault(bool(bos) and text.startswith(bos), []).append(i)
     out: list[list[int]] = [[] for _ in texts]
+    for i, text in enumerate(texts):
+        has_bos = bool(bos) and text.startswith(bos)
+        hit = cache.get(("pair", lm.add_bos_token, has_bos, text))
+        if hit is not None:
+            out[i] = list(hit)
+        else:
+            groups.setdefault(has_bos, []).append(i)
     for has_bos, indices in groups.items():
         kwargs = {"add_special_tokens": False} if has_bos else default
         for i, ids in zip(indices, lm.tokenizer([texts[i] for i in indices], **kwargs)["input_ids"], strict=True):
             out[i] = list(ids)
+            cache.put(("pair", lm.add_bos_token, has_bos, texts[i]), out[i])
     return out
+
+
+class _TokenCache:
+    """Token ids by text (and encoding settings), at most `limit` entries; the oldest go first."""
+
+    def __init__(self, limit: int = 500_000):
+        self.limit = limit
+        self.entries: dict[tuple, tuple[int, ...]] = {}
+
+    def get(self, key: tuple) -> tuple[int, ...] | None:
+        return self.entries.get(key)
+
+    def put(self, key: tuple, ids: list[int]) -> None:
+        if len(self.entries) >= self.limit:
+            for old in list(self.entries)[: self.limit // 4]:
+                del self.entries[old]
+        self.entries[key] = tuple(ids)
+
+
+_TOKEN_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_cache(tokenizer) -> _TokenCache:
+    """The token ids this tokenizer has produced for scoring, by text.
+
+    A trial scores the same documents with the same prompts (lm-eval seeds
+    its few-shot sampling) as the trials before it, and a worker that keeps its
+    base keeps its tokenizer: from the second trial on, a worker tokenizes
+    nothing it has scored before (on an H100 host about a second of a trial's
+    scoring went to tokenizing the default suites).
+    """
+    cache = _TOKEN_CACHES.get(tokenizer)
+    if cache is None:
+        cache = _TOKEN_CACHES[tokenizer] = _TokenCache()
+    return cache
 
 
 def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):

@@ -71,6 +71,37 @@ def test_dense_copy_gives_the_4bit_models_logits_and_restores_it(adapted):
     torch.testing.assert_close(_logits(model, ids), reference)
 
 
+def test_fused_projections_give_the_separate_layers_logits(adapted):
+    from evaluator.fast import PROJECTION_GROUPS
+
+    model, tok = adapted
+    ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(2))
+    with dense_base(model, fuse_projections=False):
+        separate = _logits(model, ids)
+        assert not any(type(m).__name__ == "SharedProjection" for m in model.modules())
+    with dense_base(model) as swapped:
+        dense = [m for m in model.modules() if type(m).__name__ in ("DenseLinear", "SharedProjection")]
+        assert swapped == len(dense) and not quantized_linears(model)
+        shared = [m for m in model.modules() if type(m).__name__ == "SharedProjection"]
+        # Every layer's q, k, v and gate, up: 5 of its 7 linear layers.
+        names = {n for group in PROJECTION_GROUPS for n in group}
+        assert len(shared) == len(names) * model.config.num_hidden_layers
+        attention = next(m for m in model.modules() if hasattr(m, "q_proj") and type(m.q_proj).__name__ != "Linear")
+        assert attention.q_proj.shared is attention.v_proj.shared
+        assert attention.q_proj.weight.data_ptr() == attention.q_proj.shared.weight.data_ptr()
+        fused = _logits(model, ids)
+        # Nothing is held between forward passes.
+        assert all(m.shared.parts is None for m in shared)
+        batch = tok(["The quick brown fox", "12 plus 7 is"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    torch.testing.assert_close(fused, separate, atol=1e-4, rtol=1e-4)
+    with dense_base(model, fuse_projections=False), torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(generated, reference)
+    assert not any(type(m).__name__ == "SharedProjection" for m in model.modules())
+
+
 def test_dense_copy_is_restored_when_scoring_fails(adapted):
     model, _ = adapted
     layers = [layer for _, _, layer in quantized_linears(model)]
@@ -343,7 +374,50 @@ def test_batched_tokenization_equals_lm_evals_encode_pair(adapted):
         (bos + "A context that starts with the BOS string", " B"),
         ("Joined words", "together"),  # a continuation that merges with the context's last word
     ]
-    assert encode_pairs(lm, pairs) == [lm._encode_pair(c, k) for c, k in pairs]
+    expected = [lm._encode_pair(c, k) for c, k in pairs]
+    assert encode_pairs(lm, pairs) == expected
+
+
+def test_tokenization_is_cached_per_tokenizer_and_gives_the_same_ids(adapted):
+    from evaluator.harness import _language_model, encode_pairs, token_cache
+
+    model, tok = adapted
+    lm = _language_model(model, tok, 4, None, None)
+    pairs = [("Question: which is odd?\nAnswer:", " three"), ("Cached  ", "text")]
+    expected = [lm._encode_pair(c, k) for c, k in pairs]
+    prompt = "Question: 3 plus 4 is\nAnswer:"
+    first_prompt = lm.tok_encode(prompt)
+    assert encode_pairs(lm, pairs) == expected
+    cache = token_cache(tok)
+    assert cache.get(("pair", lm.add_bos_token, False, pairs[0][0])) is not None
+    # A second trial's scoring (a new wrapper, the same tokenizer) reads the cache: the tokenizer is not called.
+    again = _language_model(model, tok, 4, None, None)
+    calls = []
+    originals = {name: getattr(type(tok), name) for name in ("__call__", "encode")}
+
+    def counting(name):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return call
+
+    for name in originals:
+        setattr(type(tok), name, counting(name))
+    try:
+        assert encode_pairs(again, pairs) == expected
+        assert again.tok_encode(prompt) == first_prompt
+        assert again.tok_encode(prompt, left_truncate_len=3) == first_prompt[-3:]
+        assert not calls
+        again.tok_encode("A text not seen before")
+        assert calls == ["encode"]
+    finally:
+        for name, original in originals.items():
+            setattr(type(tok), name, original)
+    # Another tokenizer has a cache of its own.
+    from trainer.demo_base import build_tokenizer
+
+    assert token_cache(build_tokenizer()).get(("pair", lm.add_bos_token, False, pairs[0][0])) is None
 
 
 def test_fused_elementwise_runs_the_models_own_formulas_and_restores_them(adapted):
