@@ -26,7 +26,7 @@ from evaluator.fast import core_model
 log = logging.getLogger(__name__)
 
 
-ATTENTION = "sweep_decode"
+ATTENTION = "sweep_grouped"
 
 
 def _register_attention() -> None:
@@ -44,8 +44,7 @@ def _register_attention() -> None:
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    repeated: dict = {}  # the last mask given and its repetition per query head of a group
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         batch, heads, length, dim = query.shape
@@ -63,12 +62,10 @@ def _register_attention() -> None:
             mask = attention_mask[..., :keys]
             mask = mask if mask.dtype == torch.bool else mask >= 0
             if length > 1:
-                if repeated.get("source") is not attention_mask:
-                    repeated.clear()
-                    rows = mask.shape[0]
-                    repeated.update(source=attention_mask, mask=mask[:, :, None].expand(
-                        rows, 1, group, length, keys).reshape(rows, 1, group * length, keys))
-                mask = repeated["mask"]
+                if _REPEATED.get("source") is not attention_mask:
+                    _REPEATED.clear()
+                    _REPEATED.update(source=attention_mask, mask=_repeat_mask(mask, group))
+                mask = _REPEATED["mask"]
             else:
                 mask = mask.reshape(batch, 1, 1, keys)
         out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
@@ -76,21 +73,50 @@ def _register_attention() -> None:
         return out.reshape(batch, heads, length, dim).transpose(1, 2), None
 
     AttentionInterface.register(ATTENTION, attention)
+    # Masks that transformers builds itself (from a 2D padding mask, or none) are made as for sdpa.
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+_REPEATED: dict = {}
+"""The last mask `ATTENTION` was given (every layer of a pass gets the same one) and its repetition per group."""
+
+
+def _repeat_mask(mask, group: int):
+    """[rows, 1, length, keys] -> [rows, 1, group * length, keys]: the mask once per query head of a group.
+
+    Its rows are laid out 16 elements apart whatever `keys` is: attention
+    kernels need an aligned mask, and would otherwise copy it into one at
+    every layer.
+    """
+    import torch
+
+    rows, _, length, keys = mask.shape
+    aligned = -(-keys // 16) * 16
+    repeated = torch.zeros((rows, 1, group * length, aligned), dtype=torch.bool, device=mask.device)
+    target = repeated.view(rows, 1, group, length, aligned)[..., :keys]
+    target.copy_(mask[:, :, None].expand_as(target))
+    return repeated[..., :keys]
 
 
 @contextlib.contextmanager
-def _decode_attention(core):
+def grouped_attention(core):
     """Runs the block with `ATTENTION` as the model's attention, then restores the one it had."""
     if not hasattr(core, "set_attn_implementation"):
         yield
         return
     _register_attention()
     before = core.config._attn_implementation
-    core.set_attn_implementation(ATTENTION)
+    try:
+        core.set_attn_implementation(ATTENTION)
+    except (ValueError, ImportError) as e:  # an architecture that only runs its own attention
+        log.info("scoring with the model's own attention (%s): %s", before, e)
+        yield
+        return
     try:
         yield
     finally:
         core.set_attn_implementation(before)
+        _REPEATED.clear()  # no mask held past scoring
 
 
 class _Step:
@@ -185,7 +211,7 @@ class GreedyDecoder:
             fill = session.batch - rows
             input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
-        with _decode_attention(self.core):
+        with grouped_attention(self.core):
             out = session.generate(input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id,
                                    pad_token_id, check_every, prefill_rows or session.batch)
         return out[:rows]

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from evaluator.config import GenerationConfig, TaskConfig
+from evaluator.decode import grouped_attention
 from evaluator.fast import core_model, dense_base, free_bytes, generation_plan, use_dense
 from evaluator.fuse import fused_elementwise
 
@@ -104,17 +105,13 @@ def evaluate(
     for c in configs:
         c.use_cache = True
     # Scoring passes explicit 4D masks (padding, shared-prefix blocks): flex attention, which trials train
-    # with, would turn each into a block mask. Scoring runs sdpa and puts the model's own back afterwards.
-    core = core_model(model)
-    saved_attention = getattr(getattr(core, "config", None), "_attn_implementation", None)
-    switch_attention = saved_attention not in (None, "sdpa", "eager") and hasattr(core, "set_attn_implementation")
-    if switch_attention:
-        core.set_attn_implementation("sdpa")
+    # with, would turn each into a block mask. Scoring runs sdpa, reading each key/value head once for its
+    # group of query heads (`evaluator.decode.grouped_attention`), and puts the model's own back afterwards.
     device = next(model.parameters()).device
     dense = use_dense(model, dequantize, device, memory_budget_gib)
     fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
     try:
-        with dense_base(model) if dense else contextlib.nullcontext(), \
+        with grouped_attention(core_model(model)), dense_base(model) if dense else contextlib.nullcontext(), \
                 fused_elementwise(model) if fuse else contextlib.nullcontext():
             lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
             scores = _score(lm, tasks, task_manager(tasks, task_dir), generation)
@@ -122,8 +119,6 @@ def evaluate(
     finally:
         for c, value in zip(configs, saved_cache, strict=True):
             c.use_cache = value
-        if switch_attention:
-            core.set_attn_implementation(saved_attention)
         if was_training:
             model.train()
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense)

@@ -295,7 +295,7 @@ def test_cuda_graph_decode_matches_eager_decode_on_gpu(demo_base_dir, caplog):
     assert "without a CUDA graph" not in caplog.text
 
 
-def test_decode_attention_equals_sdpa_with_repeated_heads():
+def test_grouped_attention_equals_sdpa_with_repeated_heads():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -318,6 +318,23 @@ def test_decode_attention_equals_sdpa_with_repeated_heads():
         query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
     ).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    # A longer pass (prefill, log-likelihoods) with a block mask over 10 keys, not a multiple of 16: the mask
+    # is repeated once per group, once for every layer given the same mask, in rows 16 elements apart.
+    from evaluator.decode import _REPEATED
+
+    query = torch.randn(3, 8, 10, 16, generator=g)
+    block = torch.rand(3, 1, 10, 10, generator=g) > 0.5
+    block |= torch.eye(10, dtype=torch.bool)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=block, scale=0.25
+    ).transpose(1, 2)
+    for _ in range(2):
+        out, _ = attention(Layer(), query, key, value, block, scaling=0.25)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    repeated = _REPEATED["mask"]
+    assert _REPEATED["source"] is block and repeated.shape == (3, 1, 40, 10) and repeated.stride(-2) == 16
+    _REPEATED.clear()
 
 
 def test_decoder_reuses_its_cache_for_smaller_batches(adapted):
