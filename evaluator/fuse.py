@@ -27,7 +27,7 @@ FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistr
 
 @functools.cache
 def _kernels(backend: str):
-    """The three formulas as compiled functions (a few compilations serve every batch, see `compile` below)."""
+    """The three formulas as compiled functions (see `compile` below for their shapes)."""
     import torch
 
     def rms_norm(x, weight, eps: float):
@@ -48,12 +48,34 @@ def _kernels(backend: str):
         # underneath): the grouped attention (`evaluator.decode`) then views the queries without a copy.
         return ((q * cos) + (q_rotated * sin)).contiguous(), ((k * cos) + (k_rotated * sin)).contiguous()
 
-    # Shapes are static at first; a dimension that changes between calls (batch, length) becomes dynamic at the
-    # recompile, the others (heads, head and hidden sizes) stay static. Compiled with every dimension dynamic
-    # (`dynamic=True`), the rotary kernel took 3x as long on an H100 (0.39 ms against 0.13 ms for the queries and
-    # keys of 16k tokens).
+    # The batch and length dimensions are marked dynamic before each call, so one compilation serves every
+    # batch; heads, head and hidden sizes stay static. Compiled with every dimension dynamic (`dynamic=True`),
+    # the rotary kernel took 3x as long on an H100 (0.39 ms against 0.13 ms for the queries and keys of 16k
+    # tokens); left to dynamo's automatic choice, each kernel compiled static first and again at the next shape.
     compile = functools.partial(torch.compile, backend=backend)
-    return compile(rms_norm), compile(silu_gate), compile(rotary)
+    norm_kernel, gate_kernel, rotary_kernel = compile(rms_norm), compile(silu_gate), compile(rotary)
+    mark = torch._dynamo.maybe_mark_dynamic
+
+    def dynamic(tensor, dims):
+        for dim in dims:
+            mark(tensor, dim)
+        return tensor
+
+    def leading(tensor):  # every dimension but the last: batch and length
+        return dynamic(tensor, range(tensor.dim() - 1))
+
+    def norm_call(x, weight, eps: float):
+        return norm_kernel(leading(x), weight, eps)
+
+    def gate_call(gate, up):
+        return gate_kernel(leading(gate), leading(up))
+
+    def rotary_call(q, k, cos, sin, unsqueeze_dim: int = 1):
+        # q and k: batch, heads (at `unsqueeze_dim`), length, head size; cos and sin: batch, length, head size.
+        dims = [d for d in range(q.dim() - 1) if d != unsqueeze_dim]
+        return rotary_kernel(dynamic(q, dims), dynamic(k, dims), leading(cos), leading(sin), unsqueeze_dim)
+
+    return norm_call, gate_call, rotary_call
 
 
 def can_fuse(model) -> bool:
