@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import weakref
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import yaml
@@ -156,35 +156,69 @@ def _lean_lm_eval():
 
 def _score(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
     with _lean_lm_eval():
-        return _score_groups(lm, tasks, manager, generation)
+        return _score_tasks(lm, tasks, manager, generation)
 
 
-def _score_groups(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
-    from lm_eval import simple_evaluate
+def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
+    """Scores every task in one lm-eval `evaluate` call, each with its own few-shot count, limit and generation
+    settings.
 
-    scores: dict[str, float] = {}
-    # simple_evaluate takes one few-shot count, one limit and one set of generation settings per call.
-    def key(t: TaskConfig):
-        return t.num_fewshot, t.limit or 0, t.max_new_tokens or 0
+    `simple_evaluate` takes one few-shot count, one limit and one set of
+    generation settings per call, so the default suites took eight calls: eight
+    rounds of lm-eval's setup, and the model run eight times at batch sizes
+    each call's requests leave. Here the tasks are loaded and set up as
+    `simple_evaluate` does (its seeds, its few-shot rules), each with its own
+    settings, and `evaluate` runs them together: all log-likelihood requests
+    in one pass, generation batched by settings (`SweepLM.generate_until`).
+    """
+    import random
 
-    for (num_fewshot, limit, max_new_tokens), group in groupby(sorted(tasks, key=key), key=key):
-        group = list(group)
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate as lm_evaluate
+
+    merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    for t in tasks:
+        loaded = manager.load([t.name])
         settings = generation or GenerationConfig()
-        if max_new_tokens:
-            settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
-        results = simple_evaluate(
-            model=lm,
-            tasks=[t.name for t in group],
-            num_fewshot=num_fewshot,
-            limit=limit or None,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=0,
-            gen_kwargs=_gen_kwargs(settings) if generation or max_new_tokens else None,
-        )
-        for t in group:
-            scores[t.name] = _metric(results["results"], t)
-    return scores
+        if t.max_new_tokens:
+            settings = dataclasses.replace(settings, max_new_tokens=t.max_new_tokens)
+        gen_kwargs = _gen_kwargs(settings) if generation or t.max_new_tokens else None
+        for name, task in loaded["tasks"].items():
+            if name in merged["tasks"]:
+                raise ValueError(f"lm-eval task {name!r} is scored twice (by {t.name!r} and an earlier task)")
+            _set_up(task, t.num_fewshot, t.limit, gen_kwargs)
+        for key in merged:
+            merged[key].update(loaded.get(key) or {})
+    # simple_evaluate's seeds: the same few-shot examples, and the same draws for any sampled generation.
+    random.seed(0)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    results = lm_evaluate(lm=lm, task_dict=merged, bootstrap_iters=0, log_samples=False)
+    return {t.name: _metric(results["results"], t) for t in tasks}
+
+
+def _set_up(task, num_fewshot: int | None, limit: int | None, gen_kwargs: dict | None) -> None:
+    """Configures one lm-eval task as `simple_evaluate` would with these arguments."""
+    import functools
+
+    if task.get_config("output_type") == "generate_until" and gen_kwargs is not None:
+        task.set_config(key="generation_kwargs", value=gen_kwargs, update=True)
+    if num_fewshot is not None:
+        if task.get_config("num_fewshot") != 0:  # a task whose config says 0 keeps it, as in simple_evaluate
+            task.set_config(key="num_fewshot", value=num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=1234)
+    # `evaluate` gives every task one limit, both when it builds the requests and when it reads the answers
+    # back: this task's own goes in instead (the first `limit` documents).
+    documents = task.doc_iterator
+
+    @functools.wraps(documents)
+    def doc_iterator(*args, **kwargs):
+        return documents(*args, **{**kwargs, "limit": limit or None})
+
+    task.doc_iterator = doc_iterator
 
 
 def _language_model(model, tokenizer, batch_size: int, generation: GenerationConfig | None, budget_gib):
@@ -265,6 +299,18 @@ def _language_model(model, tokenizer, batch_size: int, generation: GenerationCon
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not requests:
                 return []
+            # Tasks with their own settings (max_gen_toks above all) come in one call: each set is planned
+            # and decoded on its own, and the answers go back in the requests' order.
+            by_settings: dict[str, list[int]] = {}
+            for i, request in enumerate(requests):
+                by_settings.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+            if len(by_settings) > 1:
+                answers = [""] * len(requests)
+                for indices in by_settings.values():
+                    part = self.generate_until([requests[i] for i in indices], disable_tqdm)
+                    for i, answer in zip(indices, part, strict=True):
+                        answers[i] = answer
+                return answers
             size, self.prefill_rows = planned, None
             if size == "auto":
                 contexts = max(len(self.tok_encode(r.args[0])) for r in requests)

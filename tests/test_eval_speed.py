@@ -532,3 +532,62 @@ def test_scoring_runs_sdpa_and_gives_the_model_its_attention_back(adapted, tmp_p
     finally:
         core.set_attn_implementation("sdpa")
     assert scored.scores == reference.scores
+
+
+def test_one_call_scores_each_task_with_its_own_settings_as_simple_evaluate_would(adapted, tmp_path):
+    """All tasks go to lm-eval in one call: the same requests (few-shot contexts, limits, generation settings)
+    and the same scores as one `simple_evaluate` call per task."""
+    import dataclasses
+    import json
+
+    from lm_eval import simple_evaluate
+
+    from evaluator.harness import _gen_kwargs, _language_model, _lean_lm_eval, _metric, _score, task_manager
+    from evaluator.micro import write_micro_task
+
+    model, tok = adapted
+    tasks = [
+        TaskConfig(name="t_mc", generator="micro_mc", num_docs=14, metric="acc", limit=9, num_fewshot=2),
+        TaskConfig(name="t_ethics", generator="micro_ethics", num_docs=10, metric="acc"),
+        TaskConfig(name="t_gen", generator="micro_gen", num_docs=8, metric="exact_match,strict-match", limit=5,
+                   num_fewshot=1, max_new_tokens=6),
+        TaskConfig(name="t_sum", generator="micro_sum", num_docs=6, metric="rouge2", max_new_tokens=9),
+    ]
+    for t in tasks:
+        write_micro_task(t.name, t.generator, tmp_path / "tasks", n=t.num_docs)
+    generation = GenerationConfig(max_new_tokens=12, batch_size=4)
+    manager = task_manager(tasks, tmp_path / "tasks")
+    lm = _language_model(model, tok, 8, generation, None)
+    calls = []
+
+    def recording(kind, method):
+        def call(requests, disable_tqdm=False):
+            calls.append((kind, sorted(json.dumps(r.args, sort_keys=True) for r in requests)))
+            return method(requests, disable_tqdm)
+
+        return call
+
+    lm.loglikelihood = recording("loglikelihood", lm.loglikelihood)
+    lm.generate_until = recording("generate_until", lm.generate_until)
+    with torch.no_grad():
+        merged = _score(lm, tasks, manager, generation)
+        merged_calls, calls[:] = list(calls), []
+        reference = {}
+        with _lean_lm_eval():
+            for t in tasks:
+                settings = dataclasses.replace(generation, max_new_tokens=t.max_new_tokens or 12)
+                results = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=t.limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          gen_kwargs=_gen_kwargs(settings))
+                reference[t.name] = _metric(results["results"], t)
+    assert merged == reference
+    # One log-likelihood call, and one generation call split by settings into one decode per task.
+    assert [kind for kind, _ in merged_calls] == ["loglikelihood", "generate_until", "generate_until", "generate_until"]
+    for kind in ("loglikelihood", "generate_until"):
+        separate = sorted(args for k, requests in calls if k == kind for args in requests)
+        together = next(requests for k, requests in merged_calls if k == kind)
+        assert together == separate
+    loglikelihood = next(requests for k, requests in merged_calls if k == "loglikelihood")
+    assert len(loglikelihood) == 9 * 4 + 10 * 2  # t_mc's limit of 9 documents, 4 choices; ethics' 10, 2 choices
+    generated = next(requests for k, requests in merged_calls if k == "generate_until")
+    assert sorted(json.loads(a)[1]["max_gen_toks"] for a in generated) == [6] * 5 + [9] * 6
