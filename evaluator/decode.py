@@ -302,9 +302,11 @@ class _Session:
             if (prefill_rows >= batch and rows == batch) or not _copyable(self.cache):
                 token = self._prefill(input_ids, positions, slots)
             else:  # in chunks; the padding rows, finished from the start, are not prefilled at all
-                step = min(prefill_rows, rows)
-                token = torch.cat([self._prefill_rows(input_ids, positions, start, min(rows, start + step))
-                                   for start in range(0, rows, step)]
+                # Chunks of even size: 100 rows at 9 a chunk go as 12 chunks of 8 or 9, not 11 of 9 and one of 1.
+                chunks = -(-rows // min(prefill_rows, rows))
+                bounds = [rows * i // chunks for i in range(chunks + 1)]
+                token = torch.cat([self._prefill_rows(input_ids, positions, start, end)
+                                   for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
                                   + [torch.zeros(batch - rows, dtype=torch.long, device=device)])
                 for layer in self.cache.layers:  # where the next write goes, for versions that count it
                     if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
