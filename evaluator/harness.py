@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -177,25 +178,79 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationCon
     import torch
     from lm_eval.evaluator import evaluate as lm_evaluate
 
-    merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
-    for t in tasks:
-        loaded = manager.load([t.name])
-        settings = generation or GenerationConfig()
-        if t.max_new_tokens:
-            settings = dataclasses.replace(settings, max_new_tokens=t.max_new_tokens)
-        gen_kwargs = _gen_kwargs(settings) if generation or t.max_new_tokens else None
-        for name, task in loaded["tasks"].items():
-            if name in merged["tasks"]:
-                raise ValueError(f"lm-eval task {name!r} is scored twice (by {t.name!r} and an earlier task)")
-            _set_up(task, t.num_fewshot, t.limit, gen_kwargs)
-        for key in merged:
-            merged[key].update(loaded.get(key) or {})
+    settings = [_task_gen_kwargs(t, generation) for t in tasks]
+    key = getattr(manager, "sweep_key", None)
+    if key is not None:
+        key = (key, tuple((t.name, t.num_fewshot, t.limit, json.dumps(g, sort_keys=True))
+                          for t, g in zip(tasks, settings, strict=True)),
+               _files_state([t.data_file for t in tasks if t.data_file]))
+    merged = _PREPARED.get(key) if key is not None else None
+    if merged is None:
+        merged = _load_tasks(manager, tasks, settings)
+        if key is not None:
+            _PREPARED[key] = merged
+            while len(_PREPARED) > 4:
+                _PREPARED.popitem(last=False)
+    else:
+        _PREPARED.move_to_end(key)
     # simple_evaluate's seeds: the same few-shot examples, and the same draws for any sampled generation.
     random.seed(0)
     np.random.seed(1234)
     torch.manual_seed(1234)
     results = lm_evaluate(lm=lm, task_dict=merged, bootstrap_iters=0, log_samples=False)
     return {t.name: _metric(results["results"], t) for t in tasks}
+
+
+_PREPARED: collections.OrderedDict = collections.OrderedDict()
+"""The last few task sets `_score_tasks` loaded and built the requests of, by task settings and files."""
+
+
+def _task_gen_kwargs(task: TaskConfig, generation: GenerationConfig | None) -> dict | None:
+    settings = generation or GenerationConfig()
+    if task.max_new_tokens:
+        settings = dataclasses.replace(settings, max_new_tokens=task.max_new_tokens)
+    return _gen_kwargs(settings) if generation or task.max_new_tokens else None
+
+
+def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -> dict:
+    """lm-eval's task dict of `tasks`, each set up (`_set_up`), its requests kept after they are first built.
+
+    Loading a task and building its requests (templates over every document,
+    few-shot sampling) took about a second of each trial's scoring of the
+    default suites; a worker scores the same requests trial after trial.
+    """
+    merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    for t, gen_kwargs in zip(tasks, settings, strict=True):
+        loaded = manager.load([t.name])
+        for name, task in loaded["tasks"].items():
+            if name in merged["tasks"]:
+                raise ValueError(f"lm-eval task {name!r} is scored twice (by {t.name!r} and an earlier task)")
+            _set_up(task, t.num_fewshot, t.limit, gen_kwargs)
+            _keep_requests(task)
+        for key in merged:
+            merged[key].update(loaded.get(key) or {})
+    return merged
+
+
+def _keep_requests(task) -> None:
+    """Makes the task build its requests once: later calls get the same ones back, their answers cleared."""
+    import functools
+
+    build = task.build_all_requests
+    kept: list = []
+
+    @functools.wraps(build)
+    def build_all_requests(*args, **kwargs):
+        if not kept:
+            build(*args, **kwargs)
+            kept.extend(task._instances)
+            return
+        for instance in kept:
+            instance.resps.clear()
+            instance.filtered_resps.clear()
+        task._instances = list(kept)
+
+    task.build_all_requests = build_all_requests
 
 
 def _set_up(task, num_fewshot: int | None, limit: int | None, gen_kwargs: dict | None) -> None:
@@ -424,10 +479,36 @@ def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):
 
     paths = [str(p) for p in (task_dir, SHIPPED_TASKS) if p]
     shipped = {p.stem for p in SHIPPED_TASKS.glob("*.yaml")}
-    # The default index costs seconds to build: only load it when a task needs it.
-    return TaskManager(
-        include_path=paths, include_defaults=any(not t.is_local and t.name not in shipped for t in tasks)
-    )
+    # The default index costs seconds to build (about 10 s on 2 CPU cores): only load it when a task needs it,
+    # and keep it for the process's later scoring (every trial of a worker) while the task files stay the same.
+    include_defaults = any(not t.is_local and t.name not in shipped for t in tasks)
+    key = (tuple(paths), include_defaults, _files_state(paths))
+    manager = _MANAGERS.get(key)
+    if manager is None:
+        manager = TaskManager(include_path=paths, include_defaults=include_defaults)
+        manager.sweep_key = key  # `_score_tasks` keeps built requests per index
+        _MANAGERS[key] = manager
+        while len(_MANAGERS) > 4:
+            _MANAGERS.popitem(last=False)
+    else:
+        _MANAGERS.move_to_end(key)
+    return manager
+
+
+_MANAGERS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _files_state(paths: list[str]) -> tuple:
+    """(path, size, modification time) of every file at or under `paths`: what a cached index or request set
+    was built from."""
+    state = []
+    for path in paths:
+        root = Path(path)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+        for f in files:
+            stat = f.stat()
+            state.append((str(f), stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
 
 
 def _gen_kwargs(generation: GenerationConfig | None) -> dict | None:

@@ -591,3 +591,35 @@ def test_one_call_scores_each_task_with_its_own_settings_as_simple_evaluate_woul
     assert len(loglikelihood) == 9 * 4 + 10 * 2  # t_mc's limit of 9 documents, 4 choices; ethics' 10, 2 choices
     generated = next(requests for k, requests in merged_calls if k == "generate_until")
     assert sorted(json.loads(a)[1]["max_gen_toks"] for a in generated) == [6] * 5 + [9] * 6
+
+
+def test_a_second_scoring_reuses_the_task_index_and_the_built_requests(adapted, tmp_path):
+    """A worker scores the same tasks trial after trial: the index and the requests are built once, the scores
+    stay those of a fresh build, and changed task files are read again."""
+    from evaluator import harness
+    from evaluator.harness import evaluate, task_manager
+    from evaluator.micro import write_micro_task
+
+    model, tok = adapted
+    tasks = [TaskConfig(name="t_mc", generator="micro_mc", num_docs=12, metric="acc", limit=8),
+             TaskConfig(name="t_sum", generator="micro_sum", num_docs=4, metric="rouge2", max_new_tokens=5)]
+    for t in tasks:
+        write_micro_task(t.name, t.generator, tmp_path / "tasks", n=t.num_docs)
+    manager = task_manager(tasks, tmp_path / "tasks")
+    assert task_manager(tasks, tmp_path / "tasks") is manager
+    generation = GenerationConfig(max_new_tokens=12, batch_size=4)
+    first = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
+    [prepared] = [v for k, v in harness._PREPARED.items() if k[0] == manager.sweep_key]
+    instances = list(prepared["tasks"]["t_mc"].instances)
+    assert len(instances) == 8 * 4
+    second = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
+    assert second.scores == first.scores
+    assert prepared["tasks"]["t_mc"].instances == instances  # the same request objects, answered again
+    assert all(len(i.resps) == 1 for i in instances)  # the first call's answers were cleared, not kept
+    # Rewritten task files (other documents) are a new index and new requests.
+    write_micro_task("t_mc", "micro_mc", tmp_path / "tasks", n=12, seed=5)
+    assert task_manager(tasks, tmp_path / "tasks") is not manager
+    evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
+    rebuilt = [v for k, v in harness._PREPARED.items() if k[0] != manager.sweep_key and "t_mc" in v["tasks"]]
+    assert rebuilt and rebuilt[-1]["tasks"]["t_mc"].instances[0] is not instances[0]
+    assert rebuilt[-1]["tasks"]["t_mc"].instances[0].doc != instances[0].doc
