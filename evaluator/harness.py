@@ -127,18 +127,10 @@ def evaluate(
 
 @contextlib.contextmanager
 def _lean_lm_eval():
-    """Takes two per-call costs out of lm-eval while scoring, without changing a score.
-
-    - The environment report and `git describe` that `simple_evaluate` adds
-      to its results (subprocesses: pip, GPU queries; seconds per call). We
-      record our own.
-    - Jinja compiling each task template again for every document (about a
-      millisecond each, two or three per document): compiled templates are
-      kept by their text.
-    """
+    """Keeps Jinja from compiling each task template again for every document while scoring (about a
+    millisecond each, two or three per document): compiled templates are kept by their text."""
     import functools
 
-    import lm_eval.evaluator as lm_evaluator
     import lm_eval.utils as lm_utils
 
     compiled = functools.lru_cache(maxsize=1024)(lm_utils.env.from_string)
@@ -146,13 +138,12 @@ def _lean_lm_eval():
     def apply_template(template: str, doc: dict) -> str:
         return compiled(template).render(**doc)
 
-    saved = lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash, lm_utils.apply_template
-    lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash = (lambda results: None), (lambda: None)
+    saved = lm_utils.apply_template
     lm_utils.apply_template = apply_template
     try:
         yield
     finally:
-        lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash, lm_utils.apply_template = saved
+        lm_utils.apply_template = saved
 
 
 def _score(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
