@@ -50,6 +50,7 @@ def _register_attention() -> None:
         batch, heads, length, dim = query.shape
         kv_heads, keys = key.shape[1], key.shape[2]
         if (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout
+                or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
                 or (length > 1 and (attention_mask is None or attention_mask.dtype != torch.bool))):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
