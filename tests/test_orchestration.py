@@ -128,8 +128,17 @@ def _kill_session(sid: int) -> None:
 def _start_driver(tmp_path, study: str, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "sweep.cli", "start", "--trials", "3", *_common(tmp_path, study),
             "--set", "study.pruner=none", "--set", "orchestration.heartbeat_seconds=1", *extra]
+    # Ctrl-C's default action in the driver, whatever the test runner's shell left it (a background job's is
+    # to ignore it, and a child inherits that).
     return subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / f"{study}.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _started(tmp_path, study: str, trial: int) -> bool:
+    """Whether the driver has logged the trial's start: its parameters are all drawn and it runs on a slot."""
+    log = tmp_path / f"{study}.log"
+    return log.exists() and f"Trial {trial} started on slot" in log.read_text()
 
 
 def _wait_for(db, predicate, process: subprocess.Popen, seconds: float = 180) -> list[str]:
@@ -147,7 +156,9 @@ def test_a_killed_driver_is_resumed_by_the_next_start(tmp_path, cli, ray_session
     db = tmp_path / "studies.db"
     driver = _start_driver(tmp_path, "crash")
     try:
-        _wait_for(db, lambda s: s.count("COMPLETE") == 1 and "RUNNING" in s, driver)
+        # Not at the first sight of RUNNING: Optuna stores a trial as RUNNING before its parameters are drawn.
+        _wait_for(db, lambda s: s.count("COMPLETE") == 1 and "RUNNING" in s and _started(tmp_path, "crash", 1),
+                  driver)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
@@ -170,8 +181,7 @@ def test_ctrl_c_stores_running_trials_as_interrupted(tmp_path):
     db = tmp_path / "studies.db"
     driver = _start_driver(tmp_path, "sigint")
     try:
-        _wait_for(db, lambda s: "RUNNING" in s, driver)
-        time.sleep(1)
+        _wait_for(db, lambda s: "RUNNING" in s and _started(tmp_path, "sigint", 0), driver)
         os.kill(driver.pid, signal.SIGINT)
         assert driver.wait(timeout=60) == 130
     finally:
