@@ -76,8 +76,10 @@ def test_fused_projections_give_the_separate_layers_logits(adapted):
 
     model, tok = adapted
     ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(2))
+    # More rows than SHARED_PROJECTION_ROWS: the members' own matmuls.
+    long_ids = torch.randint(3, model.config.vocab_size, (2, 600), generator=torch.Generator().manual_seed(3))
     with dense_base(model, fuse_projections=False):
-        separate = _logits(model, ids)
+        separate, long_separate = _logits(model, ids), _logits(model, long_ids)
         assert not any(type(m).__name__ == "SharedProjection" for m in model.modules())
     with dense_base(model) as swapped:
         dense = [m for m in model.modules() if type(m).__name__ in ("DenseLinear", "SharedProjection")]
@@ -89,13 +91,14 @@ def test_fused_projections_give_the_separate_layers_logits(adapted):
         attention = next(m for m in model.modules() if hasattr(m, "q_proj") and type(m.q_proj).__name__ != "Linear")
         assert attention.q_proj.shared is attention.v_proj.shared
         assert attention.q_proj.weight.data_ptr() == attention.q_proj.shared.weight.data_ptr()
-        fused = _logits(model, ids)
+        fused, long_fused = _logits(model, ids), _logits(model, long_ids)
         # Nothing is held between forward passes.
         assert all(m.shared.parts is None for m in shared)
         batch = tok(["The quick brown fox", "12 plus 7 is"], return_tensors="pt", padding=True)
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     torch.testing.assert_close(fused, separate, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(long_fused, long_separate, atol=1e-4, rtol=1e-4)
     with dense_base(model, fuse_projections=False), torch.no_grad():
         reference = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(generated, reference)
