@@ -27,6 +27,14 @@ def core_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _linear(x, weight, bias):
+    """`x @ weight.T + bias` in the weight's dtype, returned in the input's dtype (as bitsandbytes' Linear4bit)."""
+    import torch
+
+    bias = None if bias is None else bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
 def _dense_linear_class():
     import torch
 
@@ -45,8 +53,7 @@ def _dense_linear_class():
             self.out_features = weight.shape[0]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+            return _linear(x, self.weight, self.bias)
 
     return DenseLinear
 
@@ -143,10 +150,9 @@ def _shared_projection_class():
             shared = self.shared
             if x.numel() > SHARED_PROJECTION_ROWS * x.shape[-1]:
                 # A long pass is bound by arithmetic: the members' own matmuls, whose outputs need no slicing.
-                bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-                return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+                return _linear(x, self.weight, self.bias)
             if shared.input is not x or self.index not in shared.pending:
-                out = torch.nn.functional.linear(x.to(shared.weight.dtype), shared.weight, shared.bias).to(x.dtype)
+                out = _linear(x, shared.weight, shared.bias)
                 shared.input, shared.parts = x, out.split(shared.sizes, dim=-1)
                 shared.pending = set(range(len(shared.sizes)))
             part = shared.parts[self.index]
@@ -251,14 +257,10 @@ def _shared_projections(members):
     shared_cls, projection_cls = _shared_projection_class()
     layers = [m[3] for m in members]
     sizes = [layer.out_features for layer in layers]
-    first = _dense_weight(layers[0], members[0][4])
-    fused = first.new_empty((sum(sizes), first.shape[1]))
-    fused[: sizes[0]].copy_(first)
-    del first
-    at = sizes[0]
-    for (_, _, _, layer, lora), size in zip(members[1:], sizes[1:], strict=True):
-        fused[at : at + size].copy_(_dense_weight(layer, lora))
-        at += size
+    fused = torch.empty((sum(sizes), layers[0].in_features), dtype=layers[0].compute_dtype or torch.bfloat16,
+                        device=layers[0].weight.device)
+    for (_, _, _, layer, lora), rows in zip(members, fused.split(sizes), strict=True):
+        rows.copy_(_dense_weight(layer, lora))
     bias = None
     if layers[0].bias is not None:
         bias = torch.cat([layer.bias.to(fused.dtype) for layer in layers])
