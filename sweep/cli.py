@@ -91,7 +91,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except CliError as e:
         print(f"sweep {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from sweep.faults import Terminated
+
+        if isinstance(e, Terminated):
+            print(f"sweep {args.command}: terminated ({e})", file=sys.stderr)
+            return e.exit_code
         print(f"sweep {args.command}: interrupted", file=sys.stderr)
         return 130
 
@@ -109,7 +114,8 @@ def cmd_start(args) -> int:
     except (ConfigError, GpuError) as e:
         raise CliError(str(e)) from None
 
-    from sweep.scheduler import SweepError, run_sweep
+    from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
+    from sweep.scheduler import run_sweep
     from sweep.study import StudyError
 
     study_name = args.study or config.study.name
@@ -117,11 +123,13 @@ def cmd_start(args) -> int:
     logging.getLogger("sweep").info(
         "Study %r: %d trial(s) on profile %s, storage %s", study_name, n_trials, profile.name, args.storage
     )
+    ignore_file_size_signal()  # past a file-size limit: EFBIG, handled as a full disk, instead of a kill
     try:
-        outcome = run_sweep(
-            config, storage_url=args.storage, study_name=study_name, n_trials=n_trials,
-            profile=profile, address=address,
-        )
+        with stop_signals_raise():  # SIGTERM and SIGHUP stop the start as Ctrl-C does
+            outcome = run_sweep(
+                config, storage_url=args.storage, study_name=study_name, n_trials=n_trials,
+                profile=profile, address=address,
+            )
     except (StudyError, GpuError, SweepError) as e:
         raise CliError(str(e)) from None
     if outcome.best_number is None:

@@ -27,8 +27,11 @@ from evaluator.harness import write_choice_task
 from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
 from sweep.config import SweepConfig, to_dict, with_params
+from sweep.faults import DiskFull, SweepError, Terminated, is_disk_full, written_file
 from sweep.gpus import GpuError, GpuProfile
+from sweep.lease import DriverLease, Heartbeat, LeaseLost
 from sweep.progress import Display, Progress, RunningTrial
+from sweep.records import STALE_REASON, end_trial, finished_count, recover_trials
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
@@ -46,13 +49,7 @@ _PASSED_ENV = (
 
 
 POLL_S = 0.25
-STALE_REASON = "stale: driver died"
-PENDING_ATTR = "pending_trials"
-"""Study attribute: the finished trials (stale ones not counted) the current start is to reach."""
-
-
-class SweepError(RuntimeError):
-    """A step of the sweep failed (e.g. the base model could not be scored)."""
+__all__ = ["STALE_REASON", "SweepError", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,10 @@ class _Run:
     cpus_per_trial: int
     device: str
     profile: GpuProfile
+    lease: DriverLease
+    """This start's hold on the study: only its holder writes the study's trials."""
+    running_ids: set
+    """Optuna ids of the trials in flight, whose heartbeats the heartbeat thread records."""
     exclude_ngrams_file: Optional[str] = None
     """Evaluation n-grams that training examples must not share (data.drop_contaminated)."""
 
@@ -96,10 +97,52 @@ def run_sweep(
 ) -> SweepOutcome:
     """Runs `n_trials` more trials of the study, recording each in the storage.
 
-    A study left with RUNNING trials by a driver that died first has them
-    failed (their parameters enqueued again) and, when that start had not
-    reached its count, goes on to reach it instead of adding `n_trials`.
+    The start first takes the study's lease (sweep.lease): while another live
+    start holds it, this one stops at once (`LeaseHeld`). Trials left RUNNING
+    by a start that died are reconciled (sweep.records): ended ones are told,
+    the others failed as stale and their parameters run again; when that start
+    had not reached its count, this one goes on to reach it instead of adding
+    `n_trials`. A full disk stops the start with `DiskFull`.
     """
+    try:
+        return _run_sweep(config, storage_url, study_name, n_trials, profile, address)
+    except (SweepError, GpuError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFull(_disk_full_target(e, storage_url)) from e
+        raise
+
+
+def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials: int, profile: GpuProfile,
+               address: Optional[str]) -> SweepOutcome:
+    orchestration = config.orchestration
+    store = Store(storage_url)
+    lease = DriverLease.acquire(store, study_name, orchestration.heartbeat_seconds)
+    ending, resumable = "failed", True
+    try:
+        with Heartbeat(lease, orchestration.heartbeat_seconds) as heartbeat:
+            outcome = _run_holding_lease(config, store, lease, heartbeat, storage_url, study_name, n_trials, profile,
+                                         address)
+        ending, resumable = "finished", False
+        return outcome
+    except KeyboardInterrupt as e:  # stopped on purpose: the next start adds its own trials
+        ending, resumable = ("terminated" if isinstance(e, Terminated) else "interrupted"), False
+        raise
+    except BaseException as e:
+        ending = "no space left on device" if is_disk_full(e) else f"failed: {failure_reason(e)}"
+        raise
+    finally:
+        try:
+            lease.release(ending, resumable=resumable)
+        except Exception as e:  # noqa: BLE001 - a full disk, say: the next start takes the lease over
+            log.warning("The study's lease could not be released (%s); the next start takes it over",
+                        failure_reason(e))
+
+
+def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, heartbeat: Heartbeat,
+                       storage_url: str, study_name: str, n_trials: int, profile: GpuProfile,
+                       address: Optional[str]) -> SweepOutcome:
     import ray
 
     from sweep.slots import Mailbox, SlotPool
@@ -111,6 +154,8 @@ def run_sweep(
     concurrency = _concurrency(config, profile, cpus_per_trial)
 
     storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
+    running_ids: set = set()
+    heartbeat.beat_trials = lambda: [storage.record_heartbeat(i) for i in list(running_ids)]
     study = create_or_load_study(config, storage, study_name)
     # How `sweep status` picks the submission; the latest start's settings apply.
     evaluator = config.evaluator
@@ -118,9 +163,8 @@ def run_sweep(
     study.set_user_attr("optimize", evaluator.objective_suite)
     study.set_user_attr("pick_by", evaluator.pick_by)
     study.set_user_attr("top_k", evaluator.top_k)
-    store = Store(storage_url)
-    n_trials = recover_stale_trials(study, store, n_trials, orchestration.heartbeat_seconds,
-                                    orchestration.max_retries)
+    recover_trials(study, store, lease, orchestration.heartbeat_seconds, orchestration.max_retries)
+    n_trials = _trials_to_run(study, store, lease, n_trials)
     task_dir = str(prepare_tasks(config, work_dir))
     pool = SlotPool(concurrency, _remote_options(profile, cpus_per_trial), orchestration.resident_base,
                     orchestration.memory_growth_margin_gib)
@@ -136,6 +180,8 @@ def run_sweep(
         cpus_per_trial=cpus_per_trial,
         device="cuda" if profile.uses_gpu else "cpu",
         profile=profile,
+        lease=lease,
+        running_ids=running_ids,
     )
     log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
              "resident" if orchestration.resident_base else "reloaded per trial")
@@ -150,10 +196,6 @@ def run_sweep(
                 # The trials will fail too and store why; the next start retries the baseline.
                 log.warning("%s; going on without a baseline", e)
         numbers = _Driver(run, n_trials).run()
-        study.set_user_attr(PENDING_ATTR, None)
-    except KeyboardInterrupt:
-        study.set_user_attr(PENDING_ATTR, None)  # stopped on purpose: the next start adds its own trials
-        raise
     finally:
         pool.kill_all()
         ray.kill(run.mailbox)
@@ -161,57 +203,27 @@ def run_sweep(
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
 
 
-def recover_stale_trials(study, store: Store, n_trials: int, heartbeat_seconds: int, max_retries: int = 2) -> int:
-    """Fails the RUNNING trials of a driver that died (their parameters run again); returns the trials to run.
-
-    A RUNNING trial is stale when its heartbeat is older than 3 intervals; this
-    waits that long for the heartbeats of an earlier start to go stale (and
-    stops if they stay fresh: another driver is running the study).
-    """
-    import optuna
-
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    if running:
-        grace = 3 * heartbeat_seconds
-        log.info("Trial(s) %s RUNNING from an earlier start: waiting up to %ds for their heartbeats to go stale",
-                 sorted(running), grace)
-        deadline = time.monotonic() + grace + heartbeat_seconds + 5
-        while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            if not any(t.number in running and t.state.name == "RUNNING" for t in trials):
-                break
-            if time.monotonic() > deadline:
-                raise SweepError(f"trials {sorted(running)} of study {study.study_name!r} keep live heartbeats: "
-                                 "another `sweep start` is running it")
-            time.sleep(1)
-        for t in trials:
-            if t.number in running:
-                store.record_trial(study.study_name, TrialRecord(
-                    trial_number=t.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=STALE_REASON,
-                    started_at=t.datetime_start, finished_at=_now(),
-                ))
-                log.warning("Trial %d FAIL: %s; its parameters run again (at most %d retries)",
-                            t.number, STALE_REASON, max_retries)
-    done = _finished_count(study, store)
-    pending = study.user_attrs.get(PENDING_ATTR)
-    if running and pending is not None and pending > done:
-        n_trials = pending - done
-        log.info("Resuming the interrupted start: %d more trial(s) to reach %d", n_trials, pending)
-    study.set_user_attr(PENDING_ATTR, done + n_trials)
+def _trials_to_run(study, store: Store, lease: DriverLease, n_trials: int) -> int:
+    """`n_trials`, or what the start this one takes over from (it died, or stopped on a full disk) had left."""
+    done = finished_count(study, store)
+    previous = lease.previous
+    if previous is not None and previous.target is not None and previous.target > done:
+        n_trials = previous.target - done
+        log.info("Resuming the interrupted start: %d more trial(s) to reach %d", n_trials, previous.target)
+    lease.set_target(done + n_trials)
     return n_trials
 
 
-def _finished_count(study, store: Store) -> int:
-    """Trials that ended COMPLETE, PRUNED or FAIL, leaving out those failed as stale."""
-    records = store.trials(study.study_name)
-    return sum(
-        1 for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished()
-        and not (t.number in records and (records[t.number].fail_reason or "").startswith("stale"))
-    )
+def _disk_full_target(error: BaseException, storage_url: str) -> str:
+    """What a write that found no room was writing: the file it names, else the study database."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    named = written_file(error)
+    if named:
+        return named
+    if any(isinstance(e, SQLAlchemyError) for e in (error, error.__cause__, error.__context__)):
+        return f"the study database ({storage_url})"
+    return "the sweep's files"
 
 
 def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
@@ -393,14 +405,13 @@ class _Driver:
         unit = "GPU-hours" if run.profile.uses_gpu else "slot-hours"
         self.progress = Progress(run.study.study_name, n_trials, unit, orchestration.budget_hours)
         self.budget = Budget(orchestration.budget_hours, orchestration.timeout_seconds, unit)
-        self.last_heartbeat = 0.0
         self.display: Optional[Display] = None
 
     def run(self) -> list[int]:
         import ray
 
         with Display(self.progress) as self.display, warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for Study.optimize; this loop records them itself.
+            # Optuna warns that heartbeats are meant for Study.optimize; this driver records them itself.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             try:
                 while True:
@@ -409,15 +420,20 @@ class _Driver:
                         break
                     ready, _ = ray.wait(list(self.flights), num_returns=len(self.flights), timeout=POLL_S)
                     self._serve_mailbox()
-                    self._heartbeat()
+                    self._check_lease()
                     self._enforce_timeouts()
                     for ref in ready:
                         if ref in self.flights:
                             self._finish(ref, self.flights.pop(ref))
                     self.display.update()
-            except KeyboardInterrupt:
-                signal.signal(signal.SIGINT, _exit_now)  # a second Ctrl-C exits at once
-                self._interrupt()
+            except KeyboardInterrupt as e:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, _exit_now)  # a second Ctrl-C (or signal) exits at once
+                self._stop_running("terminated" if isinstance(e, Terminated) else "interrupted")
+                raise
+            except BaseException as e:
+                if is_disk_full(e):
+                    self._stop_running("stopped: no space left on device")
                 raise
         return self.numbers
 
@@ -439,8 +455,10 @@ class _Driver:
         run = self.run_
         trial = run.study.ask()
         run.storage.record_heartbeat(trial._trial_id)
+        run.running_ids.add(trial._trial_id)
         self.to_start -= 1
         flight = _Flight(trial=trial, slot=slot, spec=None, params={}, started_at=_now())
+        run.store.start_trial(run.study.study_name, trial.number, run.lease.driver_id, flight.started_at)
         try:
             flight.params = suggest(trial, run.config.search_space)
             flight.spec = _trial_spec(run, trial.number, flight.params)
@@ -476,13 +494,12 @@ class _Driver:
             self.run_.mailbox.decide.remote(number, step, prune)
             log.info("Trial %d at step %d: %.4g%s", number, step, value, " -> pruned" if prune else "")
 
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self.last_heartbeat < self.run_.config.orchestration.heartbeat_seconds:
-            return
-        self.last_heartbeat = now
-        for f in self.flights.values():
-            self.run_.storage.record_heartbeat(f.trial._trial_id)
+    def _check_lease(self) -> None:
+        """Stops this driver, writing nothing more, once another start has taken the study's lease over."""
+        if self.run_.lease.lost.is_set():
+            self.run_.pool.kill_all()
+            raise LeaseLost(f"study {self.run_.study.study_name!r}: this start's lease lapsed (no heartbeat for "
+                            "longer than its grace) and another start took the study over; this one stopped")
 
     def _enforce_timeouts(self) -> None:
         minutes = self.run_.config.orchestration.trial_timeout_minutes
@@ -505,6 +522,10 @@ class _Driver:
             result = ray.get(ref)
         except ray.exceptions.RayError as e:
             self._ended(flight, complete=False)
+            if is_disk_full(e):  # every later trial would fail the same way: stop the start
+                what = written_file(e) or f"the files of trial {flight.trial.number} under {run.work_dir}"
+                self._fail(flight, f"no space left on device while writing {what}")
+                raise DiskFull(what) from None
             self._fail(flight, failure_reason(e))
         else:
             self._ended(flight, complete=not result.pruned)
@@ -523,31 +544,33 @@ class _Driver:
         self.free.append(flight.slot)
         self.numbers.append(flight.trial.number)
 
-    def _fail(self, flight: _Flight, reason: str) -> None:
-        import optuna
+    def _end(self, flight: _Flight, record: TrialRecord, metrics: Optional[dict[str, str]] = None) -> None:
+        """The one place a trial of this driver ends: our record and Optuna's tell (sweep.records)."""
+        run = self.run_
+        if run.lease.lost.is_set():
+            raise LeaseLost(f"study {run.study.study_name!r}: this start's lease was taken over; trial "
+                            f"{flight.trial.number} not recorded")
+        end_trial(run.study, run.store, flight.trial, record, metrics)
+        run.running_ids.discard(flight.trial._trial_id)
 
-        run, trial = self.run_, flight.trial
-        trial.set_user_attr("fail_reason", reason)
-        run.store.record_trial(run.study.study_name, TrialRecord(
+    def _fail(self, flight: _Flight, reason: str) -> None:
+        trial = flight.trial
+        self._end(flight, TrialRecord(
             trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
             started_at=flight.started_at, finished_at=_now(),
         ))
-        run.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         self.progress.failed += 1
         log.warning("Trial %d FAIL: %s%s", trial.number, reason,
                     f" (worker log: {flight.spec.log_file})" if flight.spec is not None else "")
         self.display.event()
 
     def _record_pruned(self, flight: _Flight, result: TrialResult) -> None:
-        import optuna
-
-        run, trial = self.run_, flight.trial
-        run.store.record_trial(run.study.study_name, TrialRecord(
+        trial = flight.trial
+        self._end(flight, TrialRecord(
             trial_number=trial.number, state="PRUNED", adapter_dir=None, scores={},
             started_at=flight.started_at, finished_at=_now(),
             **{name: getattr(result, name) for name in MEASUREMENTS},
         ))
-        run.study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # its value: the last intermediate one
         self.progress.pruned += 1
         log.info("Trial %d PRUNED at step %d: intermediate %s params=%s train=%.1fs", trial.number,
                  result.train_steps, [(s, round(v, 4)) for s, v in result.intermediate], _fmt(flight.params),
@@ -562,18 +585,11 @@ class _Driver:
         value = values[config.evaluator.objective_suite]
         constraints = feasibility(result, config.study.full_run_hours_limit)
         feasible = all(v <= 0 for v in constraints.values())
-        store.record_trial(study.study_name, TrialRecord(
+        self._end(flight, TrialRecord(
             trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-            values=values, started_at=flight.started_at, finished_at=_now(), feasible=feasible,
-            **{name: getattr(result, name) for name in MEASUREMENTS},
+            values=values, value=value, constraints=constraints, started_at=flight.started_at, finished_at=_now(),
+            feasible=feasible, **{name: getattr(result, name) for name in MEASUREMENTS},
         ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
-        # Attributes and constraints must be set before tell: a finished trial can't be updated.
-        trial.set_user_attr("adapter_dir", result.adapter_dir)
-        trial.set_user_attr("scores", result.scores)
-        trial.set_user_attr("values", values)
-        for name, amount in constraints.items():
-            trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
-        study.tell(trial, value)
         best = best_trial(study)
         self.progress.complete += 1
         self.progress.best = (best.number, best.value) if best else None
@@ -589,18 +605,29 @@ class _Driver:
         )
         self.display.event()
 
-    def _interrupt(self) -> None:
-        """Ctrl-C: every running trial is stopped (its slot's actor killed) and stored FAIL "interrupted"."""
-        log.warning("Interrupted: stopping %d running trial(s) (Ctrl-C again exits at once)", len(self.flights))
+    def _stop_running(self, reason: str) -> None:
+        """Ctrl-C, SIGTERM or a full disk: every running trial is stopped (its slot's actor killed) and stored FAIL.
+
+        A trial whose FAIL cannot be written (the database's disk is full) stays RUNNING: the next start
+        fails it as stale and runs its parameters again.
+        """
+        log.warning("%s: stopping %d running trial(s)%s", reason[0].upper() + reason[1:], len(self.flights),
+                    " (Ctrl-C again exits at once)" if reason == "interrupted" else "")
         self.run_.pool.kill_all()
-        for f in self.flights.values():
+        flights, self.flights = list(self.flights.values()), {}
+        for f in flights:
             self._ended(f, complete=False)
-            self._fail(f, "interrupted")
-        self.flights.clear()
+            try:
+                self._fail(f, reason)
+            except Exception as e:  # noqa: BLE001
+                if not is_disk_full(e):
+                    raise
+                log.warning("Trial %d left RUNNING (no room to record it): the next start recovers it",
+                            f.trial.number)
 
 
 def _exit_now(signum, frame) -> None:  # noqa: ARG001
-    os._exit(130)
+    os._exit(128 + signum)
 
 
 def _duration(hours: Optional[float]) -> str:

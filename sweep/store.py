@@ -1,15 +1,23 @@
-"""Our own tables in the study database: per-trial records, per-task scores, baselines.
+"""Our own tables in the study database: per-trial records, per-task scores, baselines, drivers and leases.
 
 They live in the same SQLite file as Optuna's tables, under their own
-SQLAlchemy metadata (table names prefixed `sweep_`). Only the driver writes.
-The file runs in WAL mode with a busy timeout, so the dashboard and
-`sweep status` can read while the driver writes.
+SQLAlchemy metadata (table names prefixed `sweep_`). Only the driver that
+holds a study's lease (sweep.lease) writes that study's rows. The file runs in
+WAL mode with a busy timeout, so the dashboard and `sweep status` can read
+while the driver writes; every write transaction on SQLite starts with
+`BEGIN IMMEDIATE`, so a read-then-write (a check and its update) is never
+interleaved with another writer's.
+
+Invariant: a trial's record, once in a finished state (COMPLETE, PRUNED,
+FAIL), is never rewritten: `record_trial` refuses and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,12 +35,16 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     inspect,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger("sweep")
 
 SQLITE_BUSY_TIMEOUT_S = 30
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 metadata = MetaData()
 
@@ -65,6 +77,9 @@ trial_records = Table(
     Column("timeline", JSON),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
+    Column("driver_id", Integer),
+    Column("value", Float),
+    Column("constraints", JSON),
     UniqueConstraint("study_name", "trial_number"),
 )
 
@@ -91,6 +106,34 @@ baselines = Table(
     Column("eval_seconds", Float),
     Column("created_at", DateTime, nullable=False),
 )
+
+
+drivers = Table(
+    "sweep_drivers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_name", String(512), nullable=False, index=True),
+    Column("host", String(256), nullable=False),
+    Column("host_key", String(512), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("pid_started", Integer),
+    Column("heartbeat_seconds", Integer, nullable=False),
+    Column("target", Integer),
+    Column("started_at", DateTime, nullable=False),
+    Column("ended_at", DateTime),
+    Column("end_reason", Text),
+    Column("resumable", Boolean),
+)
+"""Every `sweep start` that held a study's lease: who it was, the finished-trial count it was to reach, how it ended."""
+
+leases = Table(
+    "sweep_leases",
+    metadata,
+    Column("study_name", String(512), primary_key=True),
+    Column("driver_id", Integer, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+)
+"""At most one row per study (its primary key): the driver that may run it, and its last heartbeat (database time)."""
 
 
 # Measurements a finished trial reports; the same names in TrialResult, TrialRecord and `sweep status`.
@@ -134,6 +177,16 @@ class TrialRecord:
     """Unix times in the worker (`started`, `first_step`, `finished`) and its `slot`."""
     started_at: Optional[dt.datetime] = None
     finished_at: Optional[dt.datetime] = None
+    driver_id: Optional[int] = None
+    """The `sweep start` (its row in sweep_drivers) that ran the trial."""
+    value: Optional[float] = None
+    """The objective value told to Optuna (COMPLETE trials)."""
+    constraints: Optional[dict] = None
+    """Optuna constraints told with it (> 0: violated)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
 
 
 def make_engine(url: str) -> Engine:
@@ -143,10 +196,16 @@ def make_engine(url: str) -> Engine:
     if is_sqlite:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+            dbapi_conn.isolation_level = None  # no implicit BEGIN from sqlite3: "begin" below emits ours
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):  # noqa: ANN001
+            # A write transaction takes SQLite's write lock at once: what it reads cannot change before it writes.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sweep_write") else "BEGIN")
     return engine
 
 
@@ -155,41 +214,79 @@ class Store:
 
     def __init__(self, url: str, create: bool = True):
         """Opens the store; `create=False` (readers) never creates tables, and reads as empty without them."""
+        self.url = url
         self.engine = make_engine(url)
         if create:
-            metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            # In one write transaction: two drivers starting on a new file do not both create the tables.
+            with self.write() as conn:
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
         self._readable = create or inspect(self.engine).has_table(trial_records.name)
         self._columns = {
             table.name: {c["name"] for c in inspect(self.engine).get_columns(table.name)} if self._readable else set()
             for table in (trial_records, baselines)
         }
 
-    # --- writes (driver only) ---
+    @contextlib.contextmanager
+    def write(self):
+        """A write transaction (SQLite: `BEGIN IMMEDIATE`), committed at the end of the block."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sweep_write=True)
+            with conn.begin():
+                yield conn
 
-    def record_trial(self, study_name: str, record: TrialRecord, metrics: dict[str, str] | None = None) -> None:
-        """Inserts or replaces a trial's record and its per-task scores."""
-        row = {k: v for k, v in record.__dict__.items() if k != "scores"}
-        with self.engine.begin() as conn:
-            conn.execute(
-                trial_records.delete().where(
-                    trial_records.c.study_name == study_name,
-                    trial_records.c.trial_number == record.trial_number,
-                )
-            )
-            conn.execute(task_scores.delete().where(
-                task_scores.c.study_name == study_name, task_scores.c.trial_number == record.trial_number
+    def now(self, conn: Connection) -> dt.datetime:
+        """The database's clock (naive UTC on SQLite): heartbeats from several hosts compare on one clock."""
+        value = conn.execute(select(func.now())).scalar()
+        return value.replace(tzinfo=None) if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+
+    # --- writes (the driver holding the study's lease) ---
+
+    def start_trial(self, study_name: str, trial_number: int, driver_id: Optional[int],
+                    started_at: dt.datetime) -> None:
+        """Records a trial as RUNNING under the driver that runs it."""
+        with self.write() as conn:
+            self.write_record(conn, study_name, TrialRecord(
+                trial_number=trial_number, state="RUNNING", adapter_dir=None, scores={}, started_at=started_at,
+                driver_id=driver_id,
             ))
+
+    def record_trial(self, study_name: str, record: TrialRecord, metrics: dict[str, str] | None = None) -> bool:
+        """Writes a trial's record and its per-task scores; False (nothing written) when it is already finished."""
+        with self.write() as conn:
+            return self.write_record(conn, study_name, record, metrics)
+
+    def write_record(self, conn: Connection, study_name: str, record: TrialRecord,
+                     metrics: dict[str, str] | None = None) -> bool:
+        """`record_trial` inside the caller's write transaction (to pair it with another write)."""
+        key = (trial_records.c.study_name == study_name) & (trial_records.c.trial_number == record.trial_number)
+        present = conn.execute(select(trial_records.c.state, trial_records.c.driver_id).where(key)).first()
+        if present is not None and present.state in FINISHED_STATES:
+            log.warning("Trial %d of study %r is already recorded %s: not rewritten as %s", record.trial_number,
+                        study_name, present.state, record.state)
+            return False
+        row = {k: v for k, v in record.__dict__.items() if k != "scores"}
+        if present is not None:
+            if row["driver_id"] is None:
+                row["driver_id"] = present.driver_id
+            if row["started_at"] is None:
+                row.pop("started_at")
+            conn.execute(trial_records.update().where(key).values(**row))
+        else:
             conn.execute(trial_records.insert().values(study_name=study_name, **row))
-            for task, value in record.scores.items():
-                conn.execute(task_scores.insert().values(
-                    study_name=study_name, trial_number=record.trial_number, task=task,
-                    metric=(metrics or {}).get(task, ""), value=float(value),
-                ))
+        conn.execute(task_scores.delete().where(
+            task_scores.c.study_name == study_name, task_scores.c.trial_number == record.trial_number
+        ))
+        for task, value in record.scores.items():
+            conn.execute(task_scores.insert().values(
+                study_name=study_name, trial_number=record.trial_number, task=task,
+                metric=(metrics or {}).get(task, ""), value=float(value),
+            ))
+        return True
 
     def record_baseline(self, study_name: str, model: str, value: float, scores: dict[str, float],
                         eval_seconds: float | None, values: dict[str, float] | None = None) -> None:
-        with self.engine.begin() as conn:
+        with self.write() as conn:
             conn.execute(baselines.delete().where(baselines.c.study_name == study_name))
             conn.execute(baselines.insert().values(
                 study_name=study_name, model=model, value=float(value), scores=scores, values=values,
@@ -227,15 +324,14 @@ class Store:
                 "eval_seconds": row["eval_seconds"]}
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _add_missing_columns(conn: Connection) -> None:
     """Adds columns introduced since a database was created (all nullable), so old studies keep working."""
     for table in (trial_records, baselines):
-        present = {c["name"] for c in inspect(engine).get_columns(table.name)}
-        with engine.begin() as conn:
-            for column in table.c:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+        present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.c:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
 def _present(table: Table, columns: dict[str, set[str]]) -> list:

@@ -143,6 +143,12 @@ class TrialSlot:
     """
 
     def __init__(self, resident: bool = True, slot: int = 0):
+        from sweep.faults import ignore_file_size_signal
+
+        try:
+            ignore_file_size_signal()  # past a file-size limit a write fails with EFBIG: the driver stops the start
+        except ValueError:  # not the process's main thread
+            pass
         self.resident = resident
         self.slot = slot
         self._base = None
