@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="export the submission: the best on the pick_by suite among the top-k on the objective")
     which.add_argument("--best", action="store_true", help="export the best trial on the objective")
     which.add_argument("--trial", type=int, help="export this trial number")
-    export.add_argument("--out", required=True, help="destination directory")
+    export.add_argument("--out", required=True, help="destination directory (new or empty, unless --force)")
+    export.add_argument("--force", action="store_true",
+                        help="replace the contents of a non-empty --out directory")
 
     contamination = sub.add_parser(
         "contamination", help="13-gram overlap between each training source and each evaluation task"
@@ -155,9 +157,16 @@ def cmd_export(args) -> int:
 
     status = _load_status(args)
     try:
-        out = export_trial(status, "pick" if args.pick else "best" if args.best else args.trial, args.out)
+        out = export_trial(status, "pick" if args.pick else "best" if args.best else args.trial, args.out,
+                           force=args.force)
     except ValueError as e:
         raise CliError(str(e)) from None
+    except OSError as e:
+        from sweep.faults import is_disk_full
+
+        if is_disk_full(e):
+            raise CliError(f"no space left on device while writing {args.out}; nothing was exported") from None
+        raise CliError(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
     print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
     return 0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,21 +135,24 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
-def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path) -> Path:
-    """Copies a trial's adapter, hyperparameters.yaml and scores.json to `out_dir`.
+def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, force: bool = False) -> Path:
+    """Writes a trial's adapter, hyperparameters.yaml and scores.json to `out_dir`, all or nothing.
+
+    The files are written to a new directory beside `out_dir` and moved into place once all are
+    there, so `out_dir` never holds a mix of two exports, nor a part of one. Every file gets the
+    ordinary permissions of a new file (the umask's), whatever the trial's files had.
 
     Args:
         status: the study's status (`study_status`).
         which: a trial number, `best` (the best on the objective) or `pick` (the submission).
-        out_dir: destination (created; existing adapter files are replaced).
+        out_dir: destination: a new or empty directory, or with `force` one whose contents are replaced.
+        force: replace the contents of a non-empty `out_dir`.
+
+    Raises:
+        ValueError: the trial has nothing to export, or `out_dir` is not empty (without `force`) or not a
+            directory.
     """
-    if which in ("best", "pick"):
-        chosen = status.get(which)
-        if chosen is None:
-            raise ValueError(f"study {status['study']!r} has no feasible COMPLETE trial to export")
-        trial_number = chosen["number"]
-    else:
-        trial_number = int(which)
+    trial_number = _trial_to_export(status, which)
     trial = next((t for t in status["trials"] if t["number"] == trial_number), None)
     if trial is None:
         raise ValueError(f"study {status['study']!r} has no trial {trial_number}")
@@ -158,9 +163,10 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path) 
     if missing:
         raise ValueError(f"trial {trial_number}: {', '.join(missing)} missing from {src}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        shutil.copy2(src / name, out / name)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out}: the directory is not empty (pass --force to replace its contents)")
     scores = {
         "study": status["study"],
         "trial": trial_number,
@@ -170,8 +176,55 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path) 
         "params": trial["params"],
         "baseline": status["baseline"],
     }
-    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(src / name, staging / name)  # contents only: modes come from the umask
+        (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        _ordinary_modes(staging)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _trial_to_export(status: dict[str, Any], which: int | str) -> int:
+    if which in ("best", "pick"):
+        chosen = status.get(which)
+        if chosen is None:
+            raise ValueError(f"study {status['study']!r} has no feasible COMPLETE trial to export")
+        return chosen["number"]
+    return int(which)
+
+
+def _ordinary_modes(directory: Path) -> None:
+    """Files 0666 and directories 0777, less the umask: what any new file of the user's gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Makes `staging`'s files the contents of `out`, swapping whole directories where it can."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        if os.path.ismount(out) or out.resolve() == Path.cwd().resolve():
+            raise OSError("not to be renamed")
+        out.rename(old)  # the old export out of the way in one step...
+    except OSError:  # a mount point or the working directory: replace its entries one by one
+        for entry in list(out.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in list(staging.iterdir()):
+            entry.rename(out / entry.name)
+        return
+    staging.rename(out)  # ...and the new one in, in another
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _iso(value) -> Optional[str]:
