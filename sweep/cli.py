@@ -94,13 +94,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"sweep {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from sweep.faults import Terminated
+        import signal
 
-        if isinstance(e, Terminated):
-            print(f"sweep {args.command}: terminated ({e})", file=sys.stderr)
-            return e.exit_code
-        print(f"sweep {args.command}: interrupted", file=sys.stderr)
-        return 130
+        from sweep.faults import stop_signal
+
+        signum = stop_signal(e)
+        if signum != signal.SIGINT:
+            print(f"sweep {args.command}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+        else:
+            print(f"sweep {args.command}: interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 def cmd_start(args) -> int:

@@ -50,10 +50,6 @@ class Terminated(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
 
 def _chain(error: BaseException):
     """The error, its causes and contexts, and the original exception a Ray error carries."""
@@ -97,7 +93,7 @@ def ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-_deferral = {"depth": 0, "pending": None}
+_deferral = {"depth": 0, "pending": None, "active": False, "received": None}
 
 
 def _stop_exception(signum: int) -> KeyboardInterrupt:
@@ -105,10 +101,23 @@ def _stop_exception(signum: int) -> KeyboardInterrupt:
 
 
 def _on_stop_signal(signum, frame):  # noqa: ARG001
+    _deferral["received"] = signum
     if _deferral["depth"]:
         _deferral["pending"] = _deferral["pending"] or signum
         return
     raise _stop_exception(signum)
+
+
+def stop_signal(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind a KeyboardInterrupt: SIGINT, or the stop signal that raised it.
+
+    Ray's blocking calls (`ray.get`, `ray.wait`) turn any KeyboardInterrupt raised by a handler
+    into a plain one, so the signal last received is remembered here.
+    """
+    if isinstance(interrupt, Terminated):
+        return interrupt.signum
+    received = _deferral.get("received")
+    return received if received is not None else signal.SIGINT
 
 
 @contextlib.contextmanager
@@ -121,11 +130,24 @@ def stop_signals_raise():
     previous = {sig: signal.getsignal(sig) for sig in held}
     for sig in held:
         signal.signal(sig, _on_stop_signal)
+    _deferral["active"], _deferral["received"] = True, None
     try:
         yield
     finally:
+        _deferral["active"] = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def reclaim_stop_signals() -> None:
+    """Installs this module's handlers again (under `stop_signals_raise`).
+
+    Ray's core worker, started in the driver by `ray.init`, installs a handler of its own for
+    SIGTERM that logs a stack and exits with status 1, skipping every clean-up.
+    """
+    if _deferral.get("active"):
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(sig, _on_stop_signal)
 
 
 @contextlib.contextmanager

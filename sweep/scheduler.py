@@ -27,7 +27,14 @@ from evaluator.harness import write_choice_task
 from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
 from sweep.config import SweepConfig, to_dict, with_params
-from sweep.faults import DiskFull, SweepError, Terminated, is_disk_full, written_file
+from sweep.faults import (
+    DiskFull,
+    SweepError,
+    is_disk_full,
+    reclaim_stop_signals,
+    stop_signal,
+    written_file,
+)
 from sweep.gpus import GpuError, GpuProfile
 from sweep.lease import DriverLease, Heartbeat, LeaseLost
 from sweep.progress import Display, Progress, RunningTrial
@@ -127,7 +134,7 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
         ending, resumable = "finished", False
         return outcome
     except KeyboardInterrupt as e:  # stopped on purpose: the next start adds its own trials
-        ending, resumable = ("terminated" if isinstance(e, Terminated) else "interrupted"), False
+        ending, resumable = _stop_reason(e), False
         raise
     except BaseException as e:
         ending = "no space left on device" if is_disk_full(e) else f"failed: {failure_reason(e)}"
@@ -248,6 +255,7 @@ def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, s
             # A local Ray only offers GPUs a GPU profile asked for: with the cpu
             # profile, trials must not wait for a GPU slot.
             ray.init(num_cpus=os.cpu_count(), num_gpus=None if profile.uses_gpu else 0, **kwargs)
+        reclaim_stop_signals()  # ray.init took SIGTERM over
     if profile.uses_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise GpuError(f"--gpu {profile.name}: the Ray cluster has no GPU; use --gpu cpu")
 
@@ -429,7 +437,7 @@ class _Driver:
             except KeyboardInterrupt as e:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, _exit_now)  # a second Ctrl-C (or signal) exits at once
-                self._stop_running("terminated" if isinstance(e, Terminated) else "interrupted")
+                self._stop_running(_stop_reason(e))
                 raise
             except BaseException as e:
                 if is_disk_full(e):
@@ -611,8 +619,9 @@ class _Driver:
         A trial whose FAIL cannot be written (the database's disk is full) stays RUNNING: the next start
         fails it as stale and runs its parameters again.
         """
-        log.warning("%s: stopping %d running trial(s)%s", reason[0].upper() + reason[1:], len(self.flights),
-                    " (Ctrl-C again exits at once)" if reason == "interrupted" else "")
+        if self.flights:
+            log.warning("Stopping %d running trial(s): %s%s", len(self.flights), reason,
+                        " (Ctrl-C again exits at once)" if reason == "interrupted" else "")
         self.run_.pool.kill_all()
         flights, self.flights = list(self.flights.values()), {}
         for f in flights:
@@ -624,6 +633,10 @@ class _Driver:
                     raise
                 log.warning("Trial %d left RUNNING (no room to record it): the next start recovers it",
                             f.trial.number)
+
+
+def _stop_reason(interrupt: KeyboardInterrupt) -> str:
+    return "interrupted" if stop_signal(interrupt) == signal.SIGINT else "terminated"
 
 
 def _exit_now(signum, frame) -> None:  # noqa: ARG001

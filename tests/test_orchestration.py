@@ -7,18 +7,11 @@ import logging
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from datetime import datetime
 
-# Short trials: 24 steps with rungs at 6 and 12, small quick evals.
-FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8"]
-
-
-def _common(tmp_path, study: str) -> list[str]:
-    return ["--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--study", study,
-            "--set", f"orchestration.artifacts_dir={tmp_path / 'runs'}", *FAST]
+import pytest
+from sweep_processes import LIGHT, kill_session, rows, start_driver, started, states, wait_for
+from sweep_processes import common as _common
 
 
 def _status(cli, tmp_path, study: str) -> dict:
@@ -30,14 +23,15 @@ def _sweep_logs(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "sweep"]
 
 
-def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, cli, ray_session, caplog):
+@pytest.mark.parametrize("n_trials", [4, pytest.param(12, marks=pytest.mark.slow)])
+def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, cli, ray_session, caplog, n_trials):
     caplog.set_level(logging.INFO, logger="sweep")
-    cli("start", "--trials", "12", *_common(tmp_path, "sh"))
+    cli("start", "--trials", str(n_trials), *_common(tmp_path, "sh"), *LIGHT)
     trials = _status(cli, tmp_path, "sh")["trials"]
-    assert len(trials) == 12
+    assert len(trials) == n_trials
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
-    assert pruned and complete and len(pruned) + len(complete) == 12
+    assert pruned and complete and len(pruned) + len(complete) == n_trials
     for t in pruned:
         steps = [step for step, _ in t["intermediate"]]
         assert steps and steps == sorted(steps) and set(steps) <= {6, 12}
@@ -49,7 +43,7 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
         assert set(t["scores"]) and t["adapter_dir"]
     table = cli("status", "--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--study", "sh")
     assert f"pruned at step {pruned[0]['train_steps']}" in table
-    # One slot with a resident base: the base is loaded once for the baseline and all 12 trials.
+    # One slot with a resident base: the base is loaded once for the baseline and all the trials.
     loads = [m for m in _sweep_logs(caplog) if m.startswith("Loaded base")]
     assert loads == [loads[0]] and loads[0].endswith("(slot 0)")
     assert all(t["base_load_seconds"] is None for t in trials)
@@ -58,7 +52,8 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
 
 def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, caplog):
     caplog.set_level(logging.INFO, logger="sweep")
-    cli("start", "--trials", "2", "--concurrency", "2", *_common(tmp_path, "two"), "--set", "study.pruner=none")
+    cli("start", "--trials", "2", "--concurrency", "2", *_common(tmp_path, "two"), *LIGHT, "--set",
+        "study.pruner=none")
     trials = _status(cli, tmp_path, "two")["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     (a_start, a_end), (b_start, b_end) = [
@@ -72,7 +67,7 @@ def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, cap
 def test_budget_stops_starting_trials_and_progress_shows_hours(tmp_path, cli, ray_session, caplog):
     caplog.set_level(logging.INFO, logger="sweep")
     # 5.4 slot-seconds: after the first trial, a second one would not fit.
-    cli("start", "--trials", "8", "--budget-hours", "0.0015", *_common(tmp_path, "budget"),
+    cli("start", "--trials", "8", "--budget-hours", "0.0015", *_common(tmp_path, "budget"), *LIGHT,
         "--set", "study.pruner=none")
     trials = _status(cli, tmp_path, "budget")["trials"]
     assert 1 <= len(trials) < 8 and all(t["state"] == "COMPLETE" for t in trials)
@@ -103,97 +98,60 @@ def test_live_display_shows_running_trials_and_gpu_hours():
     assert "0.7833 of 2 GPU-hours used" in text  # 0.75 finished + 2 minutes running
 
 
-def _states(db) -> list[str]:
-    try:
-        con = sqlite3.connect(db)
-        try:
-            return [s for (s,) in con.execute("select state from trials order by number")]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return []
-
-
-def _kill_session(sid: int) -> None:
-    """Kills what the killed driver left behind (its local Ray's processes share its session)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _start_driver(tmp_path, study: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "sweep.cli", "start", "--trials", "3", *_common(tmp_path, study),
-            "--set", "study.pruner=none", "--set", "orchestration.heartbeat_seconds=1", *extra]
-    # Ctrl-C's default action in the driver, whatever the test runner's shell left it (a background job's is
-    # to ignore it, and a child inherits that).
-    return subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / f"{study}.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _started(tmp_path, study: str, trial: int) -> bool:
-    """Whether the driver has logged the trial's start: its parameters are all drawn and it runs on a slot."""
-    log = tmp_path / f"{study}.log"
-    return log.exists() and f"Trial {trial} started on slot" in log.read_text()
-
-
-def _wait_for(db, predicate, process: subprocess.Popen, seconds: float = 180) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        states = _states(db)
-        if predicate(states):
-            return states
-        assert process.poll() is None, f"the driver exited early ({process.returncode})"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; states {states}")
-
-
 def test_a_killed_driver_is_resumed_by_the_next_start(tmp_path, cli, ray_session):
     db = tmp_path / "studies.db"
-    driver = _start_driver(tmp_path, "crash")
+    driver = start_driver(tmp_path, "crash", *LIGHT)
     try:
         # Not at the first sight of RUNNING: Optuna stores a trial as RUNNING before its parameters are drawn.
-        _wait_for(db, lambda s: s.count("COMPLETE") == 1 and "RUNNING" in s and _started(tmp_path, "crash", 1),
-                  driver)
+        wait_for(lambda: states(db).count("COMPLETE") == 1 and "RUNNING" in states(db)
+                 and started(tmp_path, "crash", 1), driver, what="trial 1 running")
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     before = _status(cli, tmp_path, "crash")["trials"]
     assert [t["state"] for t in before] == ["COMPLETE", "RUNNING"]
 
-    # The same command again: the stale trial fails, its parameters run again, the count of 3 is reached.
-    cli("start", "--trials", "3", *_common(tmp_path, "crash"), "--set", "study.pruner=none",
+    # The same command again: the dead driver's lease is taken over at once (its process is gone), the stale
+    # trial fails, its parameters run again, the count of 3 is reached.
+    cli("start", "--trials", "3", *_common(tmp_path, "crash"), *LIGHT, "--set", "study.pruner=none",
         "--set", "orchestration.heartbeat_seconds=1")
     after = _status(cli, tmp_path, "crash")["trials"]
     assert after[0] == {**before[0], "finished_at": after[0]["finished_at"]} and after[0]["state"] == "COMPLETE"
     assert after[1]["state"] == "FAIL" and after[1]["fail_reason"] == "stale: driver died"
     assert [t["state"] for t in after[2:]] == ["COMPLETE", "COMPLETE"]
     assert after[2]["params"] == after[1]["params"]  # the stale trial's parameters, run again
-    assert "RUNNING" not in _states(db)
+    assert "RUNNING" not in states(db)
+    ended = rows(db, "select end_reason from sweep_drivers order by id")
+    assert ended[0][0].startswith("died (process") and ended[1][0] == "finished"
 
 
-def test_ctrl_c_stores_running_trials_as_interrupted(tmp_path):
+@pytest.mark.parametrize("sig, code, reason", [
+    (signal.SIGTERM, 143, "terminated"),
+    pytest.param(signal.SIGINT, 130, "interrupted", marks=pytest.mark.slow),
+])
+def test_a_stop_signal_stores_running_trials_as_stopped(tmp_path, sig, code, reason):
+    """SIGTERM (`timeout`, `docker stop`, a preempted machine) acts as Ctrl-C does."""
     db = tmp_path / "studies.db"
-    driver = _start_driver(tmp_path, "sigint")
+    driver = start_driver(tmp_path, "stop", *LIGHT, "--set", "trainer.max_steps=400")
     try:
-        _wait_for(db, lambda s: "RUNNING" in s and _started(tmp_path, "sigint", 0), driver)
-        os.kill(driver.pid, signal.SIGINT)
-        assert driver.wait(timeout=60) == 130
+        wait_for(lambda: "RUNNING" in states(db) and started(tmp_path, "stop", 0), driver, what="trial 0 running")
+        os.kill(driver.pid, sig)
+        assert driver.wait(timeout=60) == code
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     con = sqlite3.connect(db)
-    rows = con.execute("select t.number, t.state, r.fail_reason from trials t join sweep_trial_records r "
-                       "on r.trial_number = t.number").fetchall()
+    ended = con.execute("select t.number, t.state, r.fail_reason from trials t join sweep_trial_records r "
+                        "on r.trial_number = t.number").fetchall()
     running = con.execute("select count(*) from trials where state = 'RUNNING'").fetchone()[0]
+    lease = con.execute("select count(*) from sweep_leases").fetchone()[0]
+    driver_end = con.execute("select end_reason, resumable from sweep_drivers").fetchall()
     con.close()
-    assert running == 0
-    assert rows and rows[-1][1:] == ("FAIL", "interrupted")
-    assert "interrupted" in (tmp_path / "sigint.log").read_text()
+    assert running == 0 and lease == 0  # every trial ended, the study free for the next start
+    assert ended and ended[-1][1:] == ("FAIL", reason)
+    assert driver_end == [(reason, 0)]  # stopped on purpose: the next start adds its own trials
+    out = (tmp_path / "stop.log").read_text()
+    assert f"sweep start: {reason}" in out and "Traceback" not in out
 
 
 def test_budget_and_timeout_admit_a_trial_only_when_it_fits():

@@ -1,0 +1,83 @@
+"""Helpers for tests that run `sweep start` as real processes: start, watch, read the database, clean up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Short trials, a light suite (the digit task on 40 documents): what these tests check is how a start
+# ends, not what it scores.
+FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8"]
+LIGHT = [
+    "--set", "evaluator.suites={open: {tasks: [{name: demo_digits, source: digits, metric: acc, chance: 0.5}]}}",
+    "--set", "evaluator.pick_by=null", "--set", "data.sources.0.num_eval=40",
+]
+
+
+def common(tmp_path: Path, study: str, db: Path | None = None) -> list[str]:
+    return ["--storage", f"sqlite:///{db or tmp_path / 'studies.db'}", "--study", study,
+            "--set", f"orchestration.artifacts_dir={tmp_path / 'runs'}", *FAST]
+
+
+def start_driver(tmp_path: Path, study: str, *extra: str, trials: int = 3, log: str | None = None,
+                 db: Path | None = None, stdout=None) -> subprocess.Popen:
+    """`sweep start` in a process of its own session, its output in `<log or study>.log` (or `stdout`)."""
+    args = [sys.executable, "-m", "sweep.cli", "start", "--trials", str(trials), *common(tmp_path, study, db),
+            "--set", "study.pruner=none", "--set", "orchestration.heartbeat_seconds=1", *extra]
+    out = stdout if stdout is not None else open(tmp_path / f"{log or study}.log", "w")
+    # Ctrl-C's default action in the driver, whatever the test runner's shell left it (a background job's is
+    # to ignore it, and a child inherits that).
+    return subprocess.Popen(args, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def logged(tmp_path: Path, log: str, text: str) -> bool:
+    path = tmp_path / f"{log}.log"
+    return path.exists() and text in path.read_text()
+
+
+def started(tmp_path: Path, log: str, trial: int) -> bool:
+    """Whether the driver has logged the trial's start: its parameters are all drawn and it runs on a slot."""
+    return logged(tmp_path, log, f"Trial {trial} started on slot")
+
+
+def rows(db: Path, query: str) -> list[tuple]:
+    try:
+        con = sqlite3.connect(db)
+        try:
+            return con.execute(query).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+
+
+def states(db: Path) -> list[str]:
+    return [s for (s,) in rows(db, "select state from trials order by number")]
+
+
+def wait_for(predicate, process: subprocess.Popen | None = None, seconds: float = 180, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None:
+            assert process.poll() is None, f"the driver exited early ({process.returncode}) waiting for {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_session(sid: int) -> None:
+    """Kills what a driver left behind (its local Ray's processes share its session)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
