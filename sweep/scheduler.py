@@ -236,6 +236,10 @@ def _disk_full_target(error: BaseException, storage_url: str) -> str:
 def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
     """Joins `address`, or starts a local Ray; checks that a GPU profile has GPUs to run on."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs its workers at niceness 15, so that they yield to its own services: on a machine with
+    # any other load, a trial (the sweep's whole work) then gets a sliver of the CPU and runs many
+    # times slower. A local Ray of ours runs them at the driver's priority (a cluster keeps its own).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     if not ray.is_initialized():
