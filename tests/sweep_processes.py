@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-# Short trials, a light suite (the digit task on 40 documents): what these tests check is how a start
-# ends, not what it scores.
-FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8"]
+# Short trials on one thread each (on a busy 2-core machine two threads per trial wait on each other
+# most of the time), a light suite (the digit task on 40 documents): what these tests check is how a
+# start ends, not what it scores.
+ONE_THREAD = ["--set", "orchestration.cpus_per_trial=1"]
+FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8", *ONE_THREAD]
 LIGHT = [
     "--set", "evaluator.suites={open: {tasks: [{name: demo_digits, source: digits, metric: acc, chance: 0.5}]}}",
     "--set", "evaluator.pick_by=null", "--set", "data.sources.0.num_eval=40",

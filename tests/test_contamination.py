@@ -33,6 +33,7 @@ def write_config(tmp_path, drop: bool):
     raw["data"]["max_seq_length"] = 256
     raw["trainer"]["pack_length"] = 512
     raw["trainer"]["max_steps"] = 5
+    raw["orchestration"]["cpus_per_trial"] = 1
     raw["evaluator"]["suites"]["open"]["tasks"][3]["num_docs"] = 60  # micro_sum: the planted documents
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

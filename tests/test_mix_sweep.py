@@ -104,7 +104,7 @@ def write_config(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, dict[str, i
             "data.num_examples": {"type": "int", "low": 200, "high": 400},
             "trainer.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         },
-        "orchestration": {"artifacts_dir": str(tmp_path / "runs")},
+        "orchestration": {"artifacts_dir": str(tmp_path / "runs"), "cpus_per_trial": 1},
     }
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import yaml
+from sweep_processes import ONE_THREAD
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +36,7 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     storage = f"sqlite:///{workdir / 'studies.db'}"
     common = ["--storage", storage, "--study", "e2e", "--gpu", "cpu",
               "--set", "trainer.max_steps=60", "--set", "study.pruner=none",
-              "--set", f"orchestration.artifacts_dir={workdir / 'runs'}"]
+              "--set", f"orchestration.artifacts_dir={workdir / 'runs'}", *ONE_THREAD]
 
     cli("start", "--trials", "2", *common)
     first = status(cli, storage)
@@ -67,6 +77,8 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     # Export the best trial and load it with peft from what the export records.
     out = workdir / "export"
     cli("export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml", "scores.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name  # one ordinary mode for all
     scores = json.loads((out / "scores.json").read_text())
     assert scores["trial"] == best["number"] and scores["value"] == best["value"]
     hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
@@ -106,6 +118,20 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     cli("export", "--storage", storage, "--study", "e2e", "--pick", "--out", str(picked))
     exported = json.loads((picked / "scores.json").read_text())
     assert exported["trial"] == after["pick"]["number"] and set(exported["values"]) == {"open", "heldout"}
+
+    # An export never lands in a non-empty directory without --force, nor mixes old files with new.
+    other = next(t["number"] for t in first["trials"] if t["number"] != exported["trial"])
+    (picked / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in picked.iterdir()}
+    refused = subprocess.run([sys.executable, "-m", "sweep.cli", "export", "--storage", storage, "--study", "e2e",
+                              "--trial", str(other), "--out", str(picked)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--force" in refused.stderr
+    assert {p.name: p.read_bytes() for p in picked.iterdir()} == before
+    cli("export", "--storage", storage, "--study", "e2e", "--trial", str(other), "--out", str(picked), "--force")
+    assert sorted(p.name for p in picked.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "hyperparameters.yaml", "scores.json"]
+    assert json.loads((picked / "scores.json").read_text())["trial"] == other
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".picked")]  # no staging left behind
 
     # A trial whose full run would not fit the time limit is COMPLETE but infeasible: an Optuna
     # constraint the sampler learns from, and never the best.
