@@ -5,8 +5,9 @@ GPU (or per share of the CPU cores), each keeping its 4-bit base loaded across
 trials unless `orchestration.resident_base` is off. Up to one trial per slot is
 in flight; the driver waits on them with `ray.wait`, drains the mailbox the
 workers report to (steps, losses, rung values), asks the pruner and answers,
-records heartbeats, and tells Optuna how each trial ended. Only this process
-writes the database.
+and ends each trial through sweep.records (our record and Optuna's tell). Only
+the start holding the study's lease (sweep.lease) writes the study; a thread
+keeps the lease and the running trials' heartbeats fresh.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from sweep.faults import (
 from sweep.gpus import GpuError, GpuProfile
 from sweep.lease import DriverLease, Heartbeat, LeaseLost
 from sweep.progress import Display, Progress, RunningTrial
-from sweep.records import STALE_REASON, end_trial, finished_count, recover_trials
+from sweep.records import end_trial, finished_count, recover_trials
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
@@ -56,7 +57,6 @@ _PASSED_ENV = (
 
 
 POLL_S = 0.25
-__all__ = ["STALE_REASON", "SweepError", "run_sweep"]
 
 
 @dataclass(frozen=True)
