@@ -171,6 +171,14 @@ class DriverLease:
         row = conn.execute(select(leases.c.driver_id).where(leases.c.study_name == self.study_name)).first()
         return row is not None and row.driver_id == self.driver_id
 
+    def still_held(self) -> bool:
+        """Whether the lease is still this driver's (read now, not from the last heartbeat)."""
+        with self.store.engine.connect() as conn:
+            held = self.holds(conn)
+        if not held:
+            self.lost.set()
+        return held
+
     def beat(self) -> bool:
         """Records a heartbeat; False (and `lost` set) when the lease is no longer this driver's."""
         with self.store.write() as conn:

@@ -465,6 +465,8 @@ class _Driver:
         from sweep.slots import MailboxReporter
 
         run = self.run_
+        if not run.lease.still_held():  # a start that lost the study must not add trials to it
+            self._check_lease()
         trial = run.study.ask()
         run.storage.record_heartbeat(trial._trial_id)
         run.running_ids.add(trial._trial_id)

@@ -131,6 +131,26 @@ def test_a_stale_trial_fails_in_one_transaction_and_runs_again(tmp_path, store):
     assert retry.state.name == "WAITING" and retry.params == first.params
 
 
+def test_a_trial_of_no_known_driver_fails_only_once_its_heartbeat_is_stale(tmp_path, store):
+    """A study from an older `sweep` (no driver rows): its RUNNING trial waits out the grace period."""
+    import time
+
+    from sweep.config import load_config
+    from sweep.records import recover_trials
+    from sweep.study import create_or_load_study, make_storage
+
+    storage = make_storage(store.url, heartbeat_seconds=1, max_retries=0)
+    study = create_or_load_study(load_config(None), storage, "s")
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    lease = DriverLease.acquire(store, "s", heartbeat_seconds=1)
+    started = time.monotonic()
+    recover_trials(study, store, lease, heartbeat_seconds=1, max_retries=0)
+    assert time.monotonic() - started >= 3  # 3 intervals of 1 s: the heartbeat had to go stale first
+    assert [t.state.name for t in study.get_trials()] == ["FAIL"]  # max_retries=0: not queued again
+    assert store.trials("s")[0].fail_reason == "stale: driver died"
+
+
 def test_an_end_recorded_but_not_told_is_told_on_the_next_start(tmp_path, store):
     """A driver that died between our record and Optuna's tell: the next start finishes the tell."""
     from sweep.records import recover_trials
