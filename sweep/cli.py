@@ -8,6 +8,7 @@ a missing study, no GPU) exit with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -83,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "storage", None):
+        args.storage = storage_url(args.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     commands = {
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
     }
     try:
-        return commands[args.command](args)
+        with _storage_errors(getattr(args, "storage", None)):
+            return commands[args.command](args)
     except CliError as e:
         print(f"sweep {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -104,6 +108,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"sweep {args.command}: interrupted", file=sys.stderr)
         return 128 + signum
+
+
+def storage_url(text: str) -> str:
+    """A storage URL as given, or a plain file path read as that SQLite file."""
+    return text if "://" in text or text.startswith("sqlite:") else f"sqlite:///{text}"
+
+
+@contextlib.contextmanager
+def _storage_errors(url: Optional[str]):
+    """A storage URL that cannot be parsed, or a file that is no database, is a one-line error."""
+    try:
+        yield
+    except Exception as e:
+        from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
+
+        from sweep.faults import is_disk_full
+
+        if isinstance(e, (ArgumentError, NoSuchModuleError)):
+            raise CliError(f"--storage {url}: not a database URL (e.g. sqlite:///studies.db)") from None
+        if isinstance(e, DatabaseError) and not is_disk_full(e):
+            reason = " ".join(str(getattr(e, "orig", None) or e).split())
+            raise CliError(f"--storage {url}: cannot use the database ({reason})") from None
+        raise
 
 
 def cmd_start(args) -> int:

@@ -314,6 +314,14 @@ def _absolute(p: Optional[str], base: Path) -> Optional[str]:
     return None if p is None else str((base / Path(p).expanduser()).resolve())
 
 
+def _one_line(error: Exception) -> str:
+    """A YAML error in one line: its problem and where (line and column, from 1)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
     """Loads, overrides and validates a config; `path=None` loads the embedded demo config.
 
@@ -322,11 +330,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     path = Path(path) if path is not None else demo_config_path()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:

@@ -67,3 +67,25 @@ def test_export_needs_best_or_trial(tmp_path):
     result = run_cli("export", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert result.returncode != 0
     assert "--best" in result.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["validate", "bin.yaml"], "bin.yaml: not a text file"),
+    (["validate", "broken.yaml"], "not valid YAML (expected the node content, but found '<stream end>' at line 2"),
+    (["status", "--storage", "missing/x.db"], "no database at missing/x.db"),
+    (["status", "--storage", "sqlite:///bin.yaml"], "cannot use the database (file is not a database)"),
+    (["status", "--storage", "bin.yaml"], "cannot use the database (file is not a database)"),
+    (["status", "--storage", "nosuch://x"], "not a database URL"),
+    (["start", "--storage", "sqlite:///bin.yaml", "--trials", "1"], "cannot use the database"),
+])
+def test_bad_files_and_storages_are_one_line_errors(tmp_path, args, needle):
+    binary = bytes(range(256)) * 4
+    (tmp_path / "bin.yaml").write_bytes(binary)
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sweep ")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "bin.yaml").read_bytes() == binary  # the file named as a database is left alone
+    assert not (tmp_path / "missing").exists()
