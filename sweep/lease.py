@@ -68,12 +68,11 @@ class DriverRecord:
 def host_key() -> str:
     """What makes a process id meaningful: the host's name, its boot, and the process id namespace."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id",):
-        try:
-            with open(path) as f:
-                parts.append(f.read().strip())
-        except OSError:
-            parts.append("")
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("")
     try:
         parts.append(os.readlink("/proc/self/ns/pid"))
     except OSError:
@@ -110,10 +109,6 @@ def _driver(row) -> DriverRecord:
     return DriverRecord(**{k: row._mapping[k] for k in DriverRecord.__dataclass_fields__})
 
 
-def _seconds(delta: dt.timedelta) -> float:
-    return max(0.0, delta.total_seconds())
-
-
 class DriverLease:
     """A study's lease, held by this process (see the module's docstring)."""
 
@@ -145,7 +140,7 @@ class DriverLease:
             if lease is not None:
                 row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
                 holder = _driver(row) if row is not None else None
-                age = _seconds(now - lease.heartbeat_at)
+                age = max(0.0, (now - lease.heartbeat_at).total_seconds())
                 dead_why = _dead_why(holder, age, me)
                 if dead_why is None:
                     raise LeaseHeld(_held_message(study_name, holder, age))
@@ -202,11 +197,6 @@ class DriverLease:
             conn.execute(drivers.update().where(drivers.c.id == self.driver_id, drivers.c.ended_at.is_(None)).values(
                 ended_at=self.store.now(conn), end_reason=reason, resumable=resumable,
             ))
-
-    def driver(self, driver_id: int) -> Optional[DriverRecord]:
-        with self.store.engine.connect() as conn:
-            row = conn.execute(select(drivers).where(drivers.c.id == driver_id)).first()
-        return _driver(row) if row is not None else None
 
 
 def _dead_why(holder: Optional[DriverRecord], heartbeat_age_s: float, me: str) -> Optional[str]:

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from sweep.faults import SweepError, signals_deferred
 from sweep.lease import GRACE_INTERVALS, DriverLease, LeaseLost
-from sweep.store import Store, TrialRecord
+from sweep.store import Store, TrialRecord, utc_now
 
 log = logging.getLogger("sweep")
 
@@ -178,7 +178,7 @@ def _fail_stale_in_one_transaction(study, store: Store, lease: DriverLease, froz
         return None
     trials, beats = tables
     trial_id = frozen._trial_id
-    now_utc = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now_utc = utc_now()
     with store.write() as conn:
         if not lease.holds(conn):
             raise LeaseLost(f"study {study.study_name!r}: another start took the study's lease over")
@@ -204,7 +204,7 @@ def _fail_stale_through_optuna(study, store: Store, frozen) -> bool:
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    store.record_trial(study.study_name, _stale_record(frozen, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+    store.record_trial(study.study_name, _stale_record(frozen, utc_now()))
     return True
 
 

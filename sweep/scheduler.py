@@ -41,7 +41,7 @@ from sweep.lease import DriverLease, Heartbeat, LeaseLost
 from sweep.progress import Display, Progress, RunningTrial
 from sweep.records import end_trial, finished_count, recover_trials
 from sweep.space import suggest
-from sweep.store import MEASUREMENTS, Store, TrialRecord
+from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
 from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason
 from trainer.data import heldout_docs, write_choice_docs
@@ -162,7 +162,12 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
 
     storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
     running_ids: set = set()
-    heartbeat.beat_trials = lambda: [storage.record_heartbeat(i) for i in list(running_ids)]
+
+    def beat_trials() -> None:
+        for trial_id in list(running_ids):
+            storage.record_heartbeat(trial_id)
+
+    heartbeat.beat_trials = beat_trials
     study = create_or_load_study(config, storage, study_name)
     # How `sweep status` picks the submission; the latest start's settings apply.
     evaluator = config.evaluator
@@ -465,13 +470,12 @@ class _Driver:
         from sweep.slots import MailboxReporter
 
         run = self.run_
-        if not run.lease.still_held():  # a start that lost the study must not add trials to it
-            self._check_lease()
+        self._check_lease(fresh=True)  # a start that lost the study must not add trials to it
         trial = run.study.ask()
         run.storage.record_heartbeat(trial._trial_id)
         run.running_ids.add(trial._trial_id)
         self.to_start -= 1
-        flight = _Flight(trial=trial, slot=slot, spec=None, params={}, started_at=_now())
+        flight = _Flight(trial=trial, slot=slot, spec=None, params={}, started_at=utc_now())
         run.store.start_trial(run.study.study_name, trial.number, run.lease.driver_id, flight.started_at)
         try:
             flight.params = suggest(trial, run.config.search_space)
@@ -508,9 +512,12 @@ class _Driver:
             self.run_.mailbox.decide.remote(number, step, prune)
             log.info("Trial %d at step %d: %.4g%s", number, step, value, " -> pruned" if prune else "")
 
-    def _check_lease(self) -> None:
-        """Stops this driver, writing nothing more, once another start has taken the study's lease over."""
-        if self.run_.lease.lost.is_set():
+    def _check_lease(self, fresh: bool = False) -> None:
+        """Stops this driver, writing nothing more, once another start has taken the study's lease over.
+
+        `fresh`: read the lease now, rather than trust the heartbeat thread's last look.
+        """
+        if (fresh and not self.run_.lease.still_held()) or self.run_.lease.lost.is_set():
             self.run_.pool.kill_all()
             raise LeaseLost(f"study {self.run_.study.study_name!r}: this start's lease lapsed (no heartbeat for "
                             "longer than its grace) and another start took the study over; this one stopped")
@@ -571,7 +578,7 @@ class _Driver:
         trial = flight.trial
         self._end(flight, TrialRecord(
             trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
-            started_at=flight.started_at, finished_at=_now(),
+            started_at=flight.started_at, finished_at=utc_now(),
         ))
         self.progress.failed += 1
         log.warning("Trial %d FAIL: %s%s", trial.number, reason,
@@ -582,7 +589,7 @@ class _Driver:
         trial = flight.trial
         self._end(flight, TrialRecord(
             trial_number=trial.number, state="PRUNED", adapter_dir=None, scores={},
-            started_at=flight.started_at, finished_at=_now(),
+            started_at=flight.started_at, finished_at=utc_now(),
             **{name: getattr(result, name) for name in MEASUREMENTS},
         ))
         self.progress.pruned += 1
@@ -601,7 +608,7 @@ class _Driver:
         feasible = all(v <= 0 for v in constraints.values())
         self._end(flight, TrialRecord(
             trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-            values=values, value=value, constraints=constraints, started_at=flight.started_at, finished_at=_now(),
+            values=values, value=value, constraints=constraints, started_at=flight.started_at, finished_at=utc_now(),
             feasible=feasible, **{name: getattr(result, name) for name in MEASUREMENTS},
         ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
         best = best_trial(study)
@@ -773,7 +780,4 @@ def _fmt(values: dict) -> str:
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return "{" + ", ".join(parts) + "}"
 
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 

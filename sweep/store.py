@@ -290,7 +290,7 @@ class Store:
             conn.execute(baselines.delete().where(baselines.c.study_name == study_name))
             conn.execute(baselines.insert().values(
                 study_name=study_name, model=model, value=float(value), scores=scores, values=values,
-                eval_seconds=eval_seconds, created_at=_now(),
+                eval_seconds=eval_seconds, created_at=utc_now(),
             ))
 
     # --- reads ---
@@ -338,5 +338,6 @@ def _present(table: Table, columns: dict[str, set[str]]) -> list:
     return [c for c in table.c if c.name in columns[table.name]]
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
+    """Now, as the naive UTC our records (and Optuna's) store."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
