@@ -11,6 +11,24 @@ def doc(text: str, **kwargs):
     return field(metadata={"doc": text}, **kwargs)
 
 
+# Upper bounds of the settings whose size is what scoring allocates: far above any real run, so that a typo
+# is an error at validation rather than a worker that takes the machine's memory.
+MAX_GENERATED_DOCS = 100_000
+"""Documents of a generated micro task: 7x MMLU's 14,042 test questions; lm-eval builds every request at once."""
+MAX_NEW_TOKENS = 2**17
+"""Tokens generated per request: the longest context windows of open models (128k); each decoded row keeps a
+KV cache of its prompt plus this many tokens."""
+MAX_SCORING_BATCH = 1024
+"""evaluator.batch_size: a log-likelihood pass of 1024 x 512 = 524,288 tokens, 32x the shipped A100 config's."""
+MAX_DECODE_BATCH = 4096
+"""Sequences decoded at once (16x the most `auto` plans); each keeps its KV cache."""
+
+
+def _check_at_most(name: str, value: int, limit: int, unit: str = "") -> None:
+    if value > limit:
+        raise ValueError(f"{name}: must be <= {limit}{f' {unit}' if unit else ''}, got {value}")
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """One lm-eval task and the metric taken from it."""
@@ -68,10 +86,13 @@ class TaskConfig:
                 raise ValueError(f"generator: expected one of {', '.join(MICRO_TASKS)}, got {self.generator!r}")
             if self.num_docs < 1:
                 raise ValueError(f"num_docs: must be >= 1, got {self.num_docs}")
+            _check_at_most("num_docs", self.num_docs, MAX_GENERATED_DOCS, "documents")
         if self.num_fewshot < 0:
             raise ValueError(f"num_fewshot: must be >= 0, got {self.num_fewshot}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens is not None:
+            _check_at_most("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, "tokens")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if self.rung_limit is not None and self.rung_limit < 1:
@@ -116,8 +137,11 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        _check_at_most("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, "tokens")
         if self.batch_size != "auto" and self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1 or auto, got {self.batch_size}")
+        if self.batch_size != "auto":
+            _check_at_most("batch_size", self.batch_size, MAX_DECODE_BATCH, "sequences")
 
 
 @dataclass(frozen=True)
@@ -194,6 +218,7 @@ class EvalConfig:
             raise ValueError(f"floor: must be in (0, 1), got {self.floor}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        _check_at_most("batch_size", self.batch_size, MAX_SCORING_BATCH)
 
     def suite_tasks(self) -> dict[str, list[TaskConfig]]:
         """Each suite's tasks (`tasks` alone is the suite `main`)."""

@@ -2,7 +2,9 @@
 
 Heavy libraries (torch, ray, optuna, lm-eval) are imported inside the
 subcommands, so `sweep --help` answers at once. Expected errors (a bad config,
-a missing study, no GPU) exit with status 2 and one line on stderr.
+a missing study, no GPU, an unusable --storage or --out) exit with status 2 and
+one line on stderr; an unexpected one exits 1, also with one line. `sweep
+--debug COMMAND` (or SWEEP_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -25,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sweep",
         description="QLoRA hyperparameter sweeps: Optuna proposes, Ray runs, lm-eval scores.",
+        epilog="Errors print one line, `sweep COMMAND: error: ...`, and exit non-zero (2, or 1 when unexpected); "
+               "`sweep --debug COMMAND ...` or SWEEP_DEBUG=1 prints the full traceback instead.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback instead of one line (before the command: "
+                             "sweep --debug status; or set SWEEP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     start = sub.add_parser("start", help="run trials of a study (the offline demo without --config)")
@@ -74,11 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = sub.add_parser("dashboard", help="serve the Optuna dashboard for the study database")
     dashboard.add_argument("--storage", default=DEFAULT_STORAGE)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on, 0-65535 (0: a free one)")
 
-    validate = sub.add_parser("validate", help="check a config file without running anything")
+    validate = sub.add_parser(
+        "validate", help="check a config file, and the model, tasks and data it names, without running anything"
+    )
     validate.add_argument("file", help="sweep config YAML")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--storage", help="also check the search space against this storage's study")
+    validate.add_argument("--study", help="the study to check against (default: study.name of the config)")
+    validate.add_argument("--file-only", action="store_true",
+                          help="check the file only: not the model, the tasks and the data it names")
     return parser
 
 
@@ -91,11 +105,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
     }
+    debug = args.debug or os.environ.get("SWEEP_DEBUG", "").lower() not in ("", "0", "false", "no")
     try:
         with _storage_errors(getattr(args, "storage", None)):
             return commands[args.command](args)
     except CliError as e:
-        print(f"sweep {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            _print_traceback(e)
+        else:
+            print(f"sweep {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         import signal
@@ -108,6 +126,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"sweep {args.command}: interrupted", file=sys.stderr)
         return 128 + signum
+    except BrokenPipeError:  # `sweep status | head`: the reader is gone, nothing to report
+        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - anything unexpected: one line, the traceback on --debug
+        if debug:
+            _print_traceback(e)
+        else:
+            print(f"sweep {args.command}: error: {type(e).__name__}: {_one_line(str(e))} "
+                  f"(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line (SQLAlchemy's messages, say, span several)."""
+    return " ".join(text.split())
+
+
+def _print_traceback(error: BaseException) -> None:
+    """The full traceback; for a CliError raised `from None`, the original error's too."""
+    import traceback
+
+    if isinstance(error, CliError) and error.__cause__ is None and error.__context__ is not None:
+        error.__suppress_context__ = False
+    traceback.print_exception(error, file=sys.stderr)
 
 
 def storage_url(text: str) -> str:
@@ -117,7 +160,11 @@ def storage_url(text: str) -> str:
 
 @contextlib.contextmanager
 def _storage_errors(url: Optional[str]):
-    """A storage URL that cannot be parsed, or a file that is no database, is a one-line error."""
+    """A storage URL that cannot be parsed, or a file that is no database, is a one-line error.
+
+    The commands check their storage first (`_check_storage`); this catches what shows up later
+    (a database another program broke, a server that refuses the connection).
+    """
     try:
         yield
     except Exception as e:
@@ -129,8 +176,21 @@ def _storage_errors(url: Optional[str]):
             raise CliError(f"--storage {url}: not a database URL (e.g. sqlite:///studies.db)") from None
         if isinstance(e, DatabaseError) and not is_disk_full(e):
             reason = " ".join(str(getattr(e, "orig", None) or e).split())
-            raise CliError(f"--storage {url}: cannot use the database ({reason})") from None
+            if "readonly database" in reason:
+                raise CliError(f"--storage {url}: the database is not writable ({reason}); copy it to a "
+                               f"writable place and pass that as --storage") from None
+            raise CliError(f"--storage {url}: cannot use the database ({reason}); check the database, "
+                           f"or pass another --storage") from None
         raise
+
+
+def _check_storage(url: str, write: bool) -> None:
+    """A storage the command cannot use is a one-line error, found before anything is opened or written."""
+    from sweep.store import database_problem
+
+    problem = database_problem(url, write=write)
+    if problem:
+        raise CliError(f"--storage {url}: {problem}")
 
 
 def cmd_start(args) -> int:
@@ -146,11 +206,18 @@ def cmd_start(args) -> int:
     except (ConfigError, GpuError) as e:
         raise CliError(str(e)) from None
 
+    from sweep.config import study_name_problem
+
+    study_name = config.study.name if args.study is None else args.study
+    problem = study_name_problem(study_name)
+    if problem:
+        raise CliError(f"--study {study_name!r}: {problem}")
+    _check_storage(args.storage, write=True)  # before Ray, the data or the base model: a start that cannot write stops
+
     from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
     from sweep.scheduler import run_sweep
     from sweep.study import StudyError
 
-    study_name = args.study or config.study.name
     n_trials = args.trials or config.study.n_trials
     logging.getLogger("sweep").info(
         "Study %r: %d trial(s) on profile %s, storage %s", study_name, n_trials, profile.name, args.storage
@@ -164,12 +231,27 @@ def cmd_start(args) -> int:
             )
     except (StudyError, GpuError, SweepError) as e:
         raise CliError(str(e)) from None
+    return _report_outcome(outcome, study_name, args.storage)
+
+
+def _report_outcome(outcome, study_name: str, storage: str) -> int:
+    """The last line of a start, about this start; 1 when it failed (its trials all failed, or it stopped)."""
+    older = (f" (the study's best is still trial {outcome.best_number}, {outcome.best_value:.4f})"
+             if outcome.best_number is not None else "")
+    if outcome.failure is not None:
+        print(f"sweep start: error: study {study_name!r}: {outcome.failure}; fix it and run `sweep start` "
+              f"again{older}", file=sys.stderr)
+        return 1
+    if outcome.all_failed:
+        print(f"sweep start: error: study {study_name!r}: all {outcome.failed} trial(s) of this start failed "
+              f"(the last: {outcome.last_failure}){older}", file=sys.stderr)
+        return 1
     if outcome.best_number is None:
         print(f"Study {study_name!r}: no trial completed.")
     else:
         print(f"Study {study_name!r}: best is trial {outcome.best_number} with value {outcome.best_value:.4f}. "
               f"See the pick with `sweep status`; export it with: "
-              f"sweep export --study {study_name} --storage {args.storage} --pick --out DIR")
+              f"sweep export --study {study_name} --storage {storage} --pick --out DIR")
     return 0
 
 
@@ -196,7 +278,8 @@ def cmd_export(args) -> int:
 
         if is_disk_full(e):
             raise CliError(f"no space left on device while writing {args.out}; nothing was exported") from None
-        raise CliError(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
+        raise CliError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}); nothing was "
+                       f"exported: pass an --out in a writable place") from None
     print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
     return 0
 
@@ -219,14 +302,35 @@ def cmd_contamination(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from sweep.dashboard import build_server
+    import errno
+    import socket
 
-    _require_existing_sqlite(args.storage)
+    from sweep.dashboard import build_server
+    from sweep.store import database_problem
+
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
     try:
-        server = build_server(args.storage, args.host, args.port)
+        socket.getaddrinfo(args.host, args.port, socket.AF_INET, socket.SOCK_STREAM)  # the server is IPv4
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(f"--host {args.host}: cannot resolve it to an IPv4 address ({getattr(e, 'strerror', e)}); "
+                       f"pass an address of this machine, e.g. 127.0.0.1") from None
+    _check_storage(args.storage, write=False)
+    read_only = database_problem(args.storage, write=True) is not None  # e.g. on read-only media: show, don't edit
+    try:
+        server = build_server(args.storage, args.host, args.port, read_only=read_only)
     except OSError as e:
-        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    print(f"Optuna dashboard for {args.storage} at http://{args.host}:{server.server_port}/ (Ctrl-C stops it)")
+        if e.errno == errno.EADDRINUSE:
+            raise CliError(f"--port {args.port}: {args.host}:{args.port} is in use ({e.strerror}); pass another "
+                           f"--port, or --port 0 for a free one") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise CliError(f"--host {args.host}: not an address of this machine ({e.strerror}); pass one, "
+                           f"e.g. 127.0.0.1") from None
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host "
+                       f"or --port") from None
+    note = " (read-only)" if read_only else ""
+    print(f"Optuna dashboard for {args.storage}{note} at http://{args.host}:{server.server_port}/ "
+          f"(Ctrl-C stops it)")
     try:
         server.serve_forever()
     finally:
@@ -245,7 +349,16 @@ def _config(path, overrides):
 
 
 def cmd_validate(args) -> int:
+    from sweep.preflight import PreflightError, check_config, check_study
+
     config = _config(args.file, args.overrides)
+    try:
+        if args.storage:
+            check_study(config, args.storage, args.study or config.study.name)
+        if not args.file_only:
+            check_config(config)
+    except PreflightError as e:
+        raise CliError(str(e)) from None
     print(f"{args.file}: valid (study {config.study.name!r}, model {config.model.name_or_path}, "
           f"{len(config.search_space)} searched parameter(s), {len(config.evaluator.all_tasks())} task(s) "
           f"in suite(s) {', '.join(config.evaluator.suite_tasks())})")
@@ -257,22 +370,15 @@ def _load_status(args) -> dict:
     from sweep.store import Store
     from sweep.study import StudyError, load_existing_study, make_storage
 
-    _require_existing_sqlite(args.storage)
+    if args.study == "":
+        raise CliError("--study '': must be a non-empty name (or leave --study out for the only study)")
+    _check_storage(args.storage, write=False)
+    # Read-only: reading never creates, converts or writes the database, and works on read-only media.
     try:
-        study = load_existing_study(make_storage(args.storage), args.study)
+        study = load_existing_study(make_storage(args.storage, read_only=True), args.study)
     except StudyError as e:
         raise CliError(str(e)) from None
-    return study_status(study, Store(args.storage, create=False))
-
-
-def _require_existing_sqlite(url: str) -> None:
-    """Reading commands must not create an empty database file."""
-    from pathlib import Path
-
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
-        if not Path(url[len(prefix):]).exists():
-            raise CliError(f"no database at {url[len(prefix):]} (run `sweep start` first, or pass --storage)")
+    return study_status(study, Store(args.storage, create=False, read_only=True))
 
 
 def format_table(status: dict) -> str:

@@ -20,13 +20,47 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from evaluator.config import EvalConfig, SuiteConfig, TaskConfig
-from trainer.config import DataConfig, LoraConfig, ModelConfig, SourceConfig, TrainConfig, doc
+from trainer.config import (
+    MAX_ROW_TOKENS,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    SourceConfig,
+    TrainConfig,
+    check_step_tokens,
+    doc,
+)
 
 DEMO_CONFIG_NAME = "demo.yaml"
 
 
 class ConfigError(ValueError):
     """An invalid config; the message names the file and the key."""
+
+
+STUDY_NAME_MAX_CHARS = 128
+
+
+def study_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot name a study, or None.
+
+    A study name is data, never a path: it names the study's directory under
+    `orchestration.artifacts_dir`, so it may not hold a path separator, be `..`,
+    start with a dot or hold control characters.
+    """
+    if not name or not name.strip():
+        return "must be a non-empty name"
+    if name != name.strip():
+        return f"must not start or end with white space, got {name!r}"
+    if len(name) > STUDY_NAME_MAX_CHARS:
+        return f"must be at most {STUDY_NAME_MAX_CHARS} characters, got {len(name)}"
+    if "/" in name or "\\" in name:
+        return f"must not contain a path separator (a study name is not a path), got {name!r}"
+    if name.startswith("."):
+        return f"must not start with a dot, got {name!r}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"must not contain control characters, got {name!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -64,8 +98,9 @@ class StudyConfig:
     pruner_startup_trials: int = doc("median: trials that run to the end before any is pruned.", default=2)
 
     def validate(self) -> None:
-        if not self.name:
-            raise ValueError("name: must be a non-empty string")
+        problem = study_name_problem(self.name)
+        if problem:
+            raise ValueError(f"name: {problem}")
         for i, f in enumerate(self.rungs):
             if not 0 < f < 1:
                 raise ValueError(f"rungs.{i}: must be a fraction in (0, 1), got {f}")
@@ -142,6 +177,11 @@ class OrchestrationConfig:
         default=10,
     )
     max_retries: int = doc("Times the parameters of a stale trial are run again.", default=2)
+    max_consecutive_failures: int = doc(
+        "A start stops starting trials (and exits non-zero) once this many trials in a row failed for the "
+        "same reason; 0: never.",
+        default=3,
+    )
     budget_hours: Optional[float] = doc(
         "Slot-hours (GPU-hours on a GPU profile) a `sweep start` may use (--budget-hours): no trial starts "
         "that would not fit, from the durations of finished ones; null: no budget.",
@@ -160,6 +200,13 @@ class OrchestrationConfig:
         "null: the profile's cap.",
         default=None,
     )
+    cpu_memory_limit_gib: Optional[float] = doc(
+        "Host memory (the resident set a slot's process holds on its own) a trial or the baseline may use, on "
+        "every profile: past it the slot is ended and the trial stored FAIL with reason `out of memory: ...`; "
+        "null: the slot's share, 90% of the memory available when the start begins (MemAvailable) divided by the "
+        "slots (on a Ray cluster of several hosts, no limit unless set).",
+        default=None,
+    )
 
     def validate(self) -> None:
         for name in ("concurrency", "budget_hours", "timeout_seconds", "heartbeat_seconds"):
@@ -170,12 +217,16 @@ class OrchestrationConfig:
             raise ValueError(f"memory_growth_margin_gib: must be > 0, got {self.memory_growth_margin_gib}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.max_consecutive_failures < 0:
+            raise ValueError(f"max_consecutive_failures: must be >= 0, got {self.max_consecutive_failures}")
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial: must be >= 1, got {self.cpus_per_trial}")
         if self.trial_timeout_minutes is not None and self.trial_timeout_minutes <= 0:
             raise ValueError(f"trial_timeout_minutes: must be > 0, got {self.trial_timeout_minutes}")
         if self.gpu_memory_cap_gib is not None and self.gpu_memory_cap_gib <= 0:
             raise ValueError(f"gpu_memory_cap_gib: must be > 0, got {self.gpu_memory_cap_gib}")
+        if self.cpu_memory_limit_gib is not None and not self.cpu_memory_limit_gib > 0:
+            raise ValueError(f"cpu_memory_limit_gib: must be > 0, got {self.cpu_memory_limit_gib}")
 
 
 @dataclass(frozen=True)
@@ -198,7 +249,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         sources = {s.name: s for s in self.data.sources}
-        for key, task in _task_keys(self.evaluator):
+        for key, task in task_keys(self.evaluator):
             if task.source is not None:
                 src = sources.get(task.source)
                 if src is None:
@@ -214,9 +265,37 @@ class SweepConfig:
             )
         for path, space in self.search_space.items():
             _check_searchable(self, path, space)
+        _check_batch_tokens(self)
 
 
-def _task_keys(config: EvalConfig):
+def _check_batch_tokens(config: SweepConfig) -> None:
+    """A padded micro-batch (micro_batch_size x max_seq_length) and an optimizer step stay within the token bounds,
+    at the largest values the config and its search space allow (`_check_searchable` checks each searched value
+    on its own; this checks them together)."""
+
+    def largest(path: str) -> tuple[int, str]:
+        space = config.search_space.get(path)
+        if space is None:
+            return int(get_path(config, path)), path
+        return int(max(space.choices if space.type == "categorical" else [space.high])), f"search_space.{path}"
+
+    packing = config.search_space.get("trainer.packing")
+    packings = set(packing.choices) if packing is not None and packing.choices else {config.trainer.packing}
+    accumulation, accumulation_key = largest("trainer.gradient_accumulation_steps")
+    if False in packings:
+        batch, batch_key = largest("trainer.micro_batch_size")
+        length, length_key = largest("data.max_seq_length")
+        if batch * length > MAX_ROW_TOKENS:
+            raise ValueError(f"{batch_key}: must be <= {MAX_ROW_TOKENS // length} with {length_key} {length} "
+                             f"(a padded micro-batch of at most {MAX_ROW_TOKENS} tokens), got {batch}")
+        check_step_tokens(accumulation_key, accumulation, batch * length,
+                          f"{batch_key} {batch} x {length_key} {length}")
+    if True in packings:
+        pack_length, pack_key = largest("trainer.pack_length")
+        check_step_tokens(accumulation_key, accumulation, pack_length, f"{pack_key} {pack_length}")
+
+
+def task_keys(config: EvalConfig):
     """(dotted key, task) of every task, as the user wrote it (tasks.N or suites.NAME.tasks.N)."""
     for i, task in enumerate(config.tasks):
         yield f"tasks.{i}", task
@@ -535,7 +614,7 @@ def _check_files_exist(config: SweepConfig, source: str) -> None:
     for i, s in enumerate(config.data.sources):
         if s.path is not None and not Path(s.path).is_file():
             raise ConfigError(f"{source}: data.sources.{i}.path: no such file {s.path}")
-    for key, t in _task_keys(config.evaluator):
+    for key, t in task_keys(config.evaluator):
         if t.data_file is not None and not Path(t.data_file).is_file():
             raise ConfigError(f"{source}: evaluator.{key}.data_file: no such file {t.data_file}")
 

@@ -13,15 +13,19 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def build_server(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
+def build_server(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 read_only: bool = False) -> WSGIServer:
     """A WSGI server for optuna-dashboard on `storage_url` (port 0 picks a free port).
 
     The storage opens SQLite with a busy timeout, and the study file is in WAL
-    mode, so the dashboard reads while a sweep writes.
+    mode, so the dashboard reads while a sweep writes. With `read_only` (a
+    database this process may not write, e.g. on read-only media) the file is
+    opened read-only: the dashboard shows the studies, and its edits (notes,
+    deleting a study) fail.
     """
     from optuna_dashboard import wsgi
 
     from sweep.study import make_storage
 
-    app = wsgi(make_storage(storage_url))
+    app = wsgi(make_storage(storage_url, read_only=read_only))
     return make_server(host, port, app, handler_class=_QuietHandler)

@@ -149,9 +149,11 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
         force: replace the contents of a non-empty `out_dir`.
 
     Raises:
-        ValueError: the trial has nothing to export, or `out_dir` is not empty (without `force`) or not a
-            directory.
+        ValueError: the trial has nothing to export, or `out_dir` is not empty (without `force`), not a
+            directory, under a file, or in a place this process may not write.
     """
+    out = Path(out_dir)
+    _check_out(out, force)
     trial_number = _trial_to_export(status, which)
     trial = next((t for t in status["trials"] if t["number"] == trial_number), None)
     if trial is None:
@@ -162,11 +164,6 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     missing = [f for f in ADAPTER_FILES if not (src / f).exists()]
     if missing:
         raise ValueError(f"trial {trial_number}: {', '.join(missing)} missing from {src}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out}: the directory is not empty (pass --force to replace its contents)")
     scores = {
         "study": status["study"],
         "trial": trial_number,
@@ -187,6 +184,25 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuses an `out` that is a file, lies under a file, is a non-empty directory (without `force`), or is
+    not writable (a read-only mount, a directory this user may not write); nothing is created here."""
+    from sweep.store import writable
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there, not a directory (pass a new or empty directory)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out}: the directory is not empty (pass --force to replace its contents)")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is a file, not a directory (pass a path in a directory)")
+    if not writable(str(ancestor)):
+        reason = "read-only file system" if os.statvfs(ancestor).f_flag & os.ST_RDONLY else "permission denied"
+        raise ValueError(f"--out {out}: cannot write in {ancestor} ({reason}); pass an --out in a writable place")
 
 
 def _trial_to_export(status: dict[str, Any], which: int | str) -> int:

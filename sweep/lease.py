@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from sweep.faults import SweepError
@@ -129,6 +129,24 @@ class DriverLease:
             except IntegrityError:  # another driver inserted the lease first (databases without BEGIN IMMEDIATE)
                 continue
         raise LeaseHeld(f"study {study_name!r}: another `sweep start` took the study's lease at the same time")
+
+    @staticmethod
+    def check_free(store: Store, study_name: str) -> None:
+        """Raises `LeaseHeld` when a live driver holds the study's lease, writing nothing (a read-only `store`).
+
+        `acquire` decides; this lets a start be refused at once, before its checks at start.
+        """
+        with store.engine.connect() as conn:
+            if not all(inspect(conn).has_table(t.name) for t in (leases, drivers)):
+                return
+            lease = conn.execute(select(leases).where(leases.c.study_name == study_name)).first()
+            if lease is None:
+                return
+            row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
+            holder = _driver(row) if row is not None else None
+            age = max(0.0, (store.now(conn) - lease.heartbeat_at).total_seconds())
+        if _dead_why(holder, age, host_key()) is None:
+            raise LeaseHeld(_held_message(study_name, holder, age))
 
     @classmethod
     def _acquire(cls, store: Store, study_name: str, heartbeat_seconds: int) -> "DriverLease":

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from evaluator.harness import write_choice_task
 from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
-from sweep.config import SweepConfig, to_dict, with_params
+from sweep.config import SweepConfig, study_name_problem, to_dict, with_params
 from sweep.faults import (
     DiskFull,
     SweepError,
@@ -38,12 +38,13 @@ from sweep.faults import (
 )
 from sweep.gpus import GpuError, GpuProfile
 from sweep.lease import DriverLease, Heartbeat, LeaseLost
+from sweep.preflight import PreflightError, check_config, check_study
 from sweep.progress import Display, Progress, RunningTrial
 from sweep.records import end_trial, finished_count, recover_trials
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
-from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason
+from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, out_of_memory_reason
 from trainer.data import heldout_docs, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
@@ -87,10 +88,24 @@ class _Run:
 
 @dataclass(frozen=True)
 class SweepOutcome:
+    """How a start ended: its own trials, the study's best, and why it stopped early (if it did)."""
+
     study_name: str
     trial_numbers: list[int]
+    """The trials this start ran."""
     best_number: Optional[int]
     best_value: Optional[float]
+    failed: int = 0
+    """Trials of this start that ended FAIL."""
+    failure: Optional[str] = None
+    """Why this start failed: the baseline could not be scored, or the same failure ended trial after trial;
+    None when it did not."""
+    last_failure: Optional[str] = None
+    """The reason of this start's last FAIL."""
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.trial_numbers) and self.failed == len(self.trial_numbers)
 
 
 def run_sweep(
@@ -124,6 +139,13 @@ def run_sweep(
 def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials: int, profile: GpuProfile,
                address: Optional[str]) -> SweepOutcome:
     orchestration = config.orchestration
+    problem = study_name_problem(study_name)
+    if problem:
+        raise PreflightError(f"--study {study_name!r}: {problem}")
+    # What can be known before any trial runs, checked before anything is written.
+    check_study(config, storage_url, study_name)
+    log.info("Checking the base model, the tasks and the data")
+    check_config(config, profile)
     store = Store(storage_url)
     lease = DriverLease.acquire(store, study_name, orchestration.heartbeat_seconds)
     ending, resumable = "failed", True
@@ -201,18 +223,23 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
         baseline = run.store.baseline(study_name)
         missing = {t.name for t in config.evaluator.all_tasks()} - set(baseline["scores"] if baseline else ())
+        failure = None
         if missing:  # first start, or the config gained tasks since the baseline was scored
             try:
                 _run_baseline(run)
             except SweepError as e:
-                # The trials will fail too and store why; the next start retries the baseline.
-                log.warning("%s; going on without a baseline", e)
-        numbers = _Driver(run, n_trials).run()
+                # Every trial loads and scores the same base: none would succeed. The next start retries.
+                log.error("%s; starting no trial", e)
+                failure = str(e)
+        driver = _Driver(run, 0 if failure else n_trials)
+        driver.failure = failure
+        numbers = driver.run()
     finally:
         pool.kill_all()
         ray.kill(run.mailbox)
     best = best_trial(study)
-    return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None)
+    return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None,
+                        failed=driver.progress.failed, failure=driver.failure, last_failure=driver.last_failure)
 
 
 def _trials_to_run(study, store: Store, lease: DriverLease, n_trials: int) -> int:
@@ -337,12 +364,14 @@ def _run_baseline(run: _Run) -> None:
         model=config.model, eval=config.evaluator, task_dir=run.task_dir, num_threads=run.cpus_per_trial,
         log_file=str(run.work_dir / "baseline.log"), device=run.device,
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
+        host_memory_limit_gib=_host_memory_limit(run),
     )
     try:
         result = ray.get(run.pool.actors[0].baseline.remote(spec))
     except ray.exceptions.RayError as e:
         run.pool.check(0)
-        raise SweepError(f"scoring the base model failed: {failure_reason(e)} (log: {spec.log_file})") from None
+        why = out_of_memory_reason(spec.log_file) or failure_reason(e)
+        raise SweepError(f"scoring the base model failed: {why} (log: {spec.log_file})") from None
     _log_base_load(config, result.base_load_seconds, 0)
     values = suite_values(result.scores, config.evaluator, baseline=result.scores)
     value = values[config.evaluator.objective_suite]
@@ -423,6 +452,13 @@ class _Driver:
         self.progress = Progress(run.study.study_name, n_trials, unit, orchestration.budget_hours)
         self.budget = Budget(orchestration.budget_hours, orchestration.timeout_seconds, unit)
         self.display: Optional[Display] = None
+        best = best_trial(run.study)  # a resumed study shows its best from the start
+        self.progress.best = (best.number, best.value) if best else None
+        self.max_failures = orchestration.max_consecutive_failures
+        self.failure_streak: list[str] = []
+        """The reasons of the trials that failed since the last one that did not, in the order they ended."""
+        self.failure: Optional[str] = None
+        self.last_failure: Optional[str] = None
 
     def run(self) -> list[int]:
         import ray
@@ -547,9 +583,11 @@ class _Driver:
                 what = written_file(e) or f"the files of trial {flight.trial.number} under {run.work_dir}"
                 self._fail(flight, f"no space left on device while writing {what}")
                 raise DiskFull(what) from None
-            self._fail(flight, failure_reason(e))
+            # A slot that passed its host-memory limit killed itself: its watchdog left the reason by its log.
+            self._fail(flight, out_of_memory_reason(flight.spec.log_file) or failure_reason(e))
         else:
             self._ended(flight, complete=not result.pruned)
+            self.failure_streak.clear()
             _log_base_load(run.config, result.base_load_seconds, flight.slot)
             if result.pruned:
                 self._record_pruned(flight, result)
@@ -574,16 +612,33 @@ class _Driver:
         end_trial(run.study, run.store, flight.trial, record, metrics)
         run.running_ids.discard(flight.trial._trial_id)
 
-    def _fail(self, flight: _Flight, reason: str) -> None:
+    def _fail(self, flight: _Flight, reason: str, streak: bool = True) -> None:
+        """Stores the trial FAIL; `streak`: a failure of the trial itself (not of the start stopping it)."""
         trial = flight.trial
         self._end(flight, TrialRecord(
             trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
             started_at=flight.started_at, finished_at=utc_now(),
         ))
         self.progress.failed += 1
+        self.last_failure = reason
         log.warning("Trial %d FAIL: %s%s", trial.number, reason,
                     f" (worker log: {flight.spec.log_file})" if flight.spec is not None else "")
+        if streak:
+            self._count_failure(reason)
         self.display.event()
+
+    def _count_failure(self, reason: str) -> None:
+        """After `max_consecutive_failures` trials in a row failed for the same reason, no more trials start."""
+        self.failure_streak.append(reason)
+        if not self.max_failures or len(self.failure_streak) < self.max_failures or self.failure is not None:
+            return
+        recent = {_failure_kind(r) for r in self.failure_streak[-self.max_failures:]}
+        if len(recent) == 1:
+            self.failure = (f"{self.max_failures} trials in a row failed with: {reason} "
+                            f"(orchestration.max_consecutive_failures)")
+            if self.to_start:
+                log.error("Starting no more trials (%d not started): %s", self.to_start, self.failure)
+            self.to_start = 0
 
     def _record_pruned(self, flight: _Flight, result: TrialResult) -> None:
         trial = flight.trial
@@ -640,12 +695,19 @@ class _Driver:
         for f in flights:
             self._ended(f, complete=False)
             try:
-                self._fail(f, reason)
+                self._fail(f, reason, streak=False)
             except Exception as e:  # noqa: BLE001
                 if not is_disk_full(e):
                     raise
                 log.warning("Trial %d left RUNNING (no room to record it): the next start recovers it",
                             f.trial.number)
+
+
+def _failure_kind(reason: str) -> str:
+    """A failure reason with its numbers blanked: `out of memory: tried to allocate 2.1 GiB` is one kind."""
+    import re
+
+    return re.sub(r"\d+(\.\d+)?", "#", reason)
 
 
 def _stop_reason(interrupt: KeyboardInterrupt) -> str:
@@ -703,12 +765,20 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         num_threads=run.cpus_per_trial,
         device=run.device,
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
+        host_memory_limit_gib=_host_memory_limit(run),
         exclude_ngrams_file=run.exclude_ngrams_file,
         target_tflops=run.profile.bf16_tflops,
         rungs=tuple(config.study.rungs) if config.study.pruner != "none" else (),
         rung_eval_docs=config.study.rung_eval_docs,
         baseline_scores=baseline["scores"] if (baseline := run.store.baseline(study_name)) else None,
     )
+
+
+def _host_memory_limit(run: _Run) -> Optional[float]:
+    """The host memory a trial or the baseline may use (on every profile): the config's limit, else the slot's
+    share of the memory available when the start began (sweep.slots); None: no limit."""
+    limit = run.config.orchestration.cpu_memory_limit_gib
+    return limit if limit is not None else run.pool.share_gib
 
 
 def _memory_cap(profile: GpuProfile, override: Optional[float]) -> Optional[float]:

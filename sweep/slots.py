@@ -16,6 +16,8 @@ from typing import Any, Optional
 log = logging.getLogger("sweep")
 
 RUNG_DECISION_TIMEOUT_S = 600.0
+SHARE_OF_AVAILABLE_MEMORY = 0.9
+"""The slots' default host-memory limit together: this share of what the host had available at the start."""
 
 
 class Mailbox:
@@ -73,6 +75,8 @@ class SlotPool:
         self._actor_class = ray.remote(TrialSlot).options(max_restarts=0, max_task_retries=0, **options)
         self.resident = resident
         self.margin_gib = memory_growth_margin_gib
+        self.share_gib = slot_share_gib(size)  # before any slot takes memory
+        """Host memory each slot may use by default (orchestration.cpu_memory_limit_gib null); None: no limit."""
         self.actors: list[Any] = [self._new(k) for k in range(size)]
 
     def _new(self, slot: int):
@@ -102,3 +106,37 @@ class SlotPool:
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def available_memory_gib() -> Optional[float]:
+    """MemAvailable of /proc/meminfo (what this host can give without swapping), None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def slot_share_gib(slots: int) -> Optional[float]:
+    """A slot's share of this host's memory: 90% of what is available now, split between `slots`.
+
+    None (no limit) when the slots may run on other hosts (a Ray cluster of several nodes, or one joined with
+    ray://), whose memory this host cannot measure, or where /proc/meminfo is missing.
+    """
+    available = available_memory_gib()
+    if available is None or not _cluster_is_this_host():
+        return None
+    return SHARE_OF_AVAILABLE_MEMORY * available / max(1, slots)
+
+
+def _cluster_is_this_host() -> bool:
+    import ray
+    from ray.util.client import ray as client
+
+    if client.is_connected():  # ray://: this process is not one of the cluster's nodes
+        return False
+    here = ray.get_runtime_context().get_node_id()
+    return all(node["NodeID"] == here for node in ray.nodes() if node.get("Alive"))

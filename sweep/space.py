@@ -20,3 +20,14 @@ def suggest(trial, search_space: dict[str, ParamSpace]) -> dict[str, Any]:
             params[name] = trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
     return params
 
+
+def distribution(space: ParamSpace):
+    """The Optuna distribution `suggest` samples `space` from (what the study stores with each trial)."""
+    import optuna
+
+    if space.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(space.choices)
+    if space.type == "int":
+        step = int(space.step) if space.step else 1
+        return optuna.distributions.IntDistribution(int(space.low), int(space.high), log=space.log, step=step)
+    return optuna.distributions.FloatDistribution(space.low, space.high, log=space.log, step=space.step)

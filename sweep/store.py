@@ -18,6 +18,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -189,16 +191,21 @@ class TrialRecord:
         return self.state in FINISHED_STATES
 
 
-def make_engine(url: str) -> Engine:
-    """An engine on `url`; SQLite files get WAL mode and a busy timeout."""
+def make_engine(url: str, read_only: bool = False) -> Engine:
+    """An engine on `url`; SQLite files get WAL mode and a busy timeout.
+
+    With `read_only`, a SQLite file is opened read-only (`engine_kwargs`): the engine never
+    creates, converts or writes it, and works on read-only media.
+    """
     is_sqlite = url.startswith("sqlite")
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {})
+    engine = create_engine(url, **engine_kwargs(url, read_only))
     if is_sqlite:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # noqa: ANN001
             dbapi_conn.isolation_level = None  # no implicit BEGIN from sqlite3: "begin" below emits ours
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if not read_only:  # switching to WAL rewrites the file's header: a writer's business
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
             cur.close()
 
@@ -209,13 +216,165 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def sqlite_file(url: str) -> Optional[str]:
+    """The file a SQLite URL names; None for other databases, in-memory ones and URI file names (`uri=true`).
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: `url` is not a database URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.query.get("uri") or parsed.database.startswith("file:"):
+        return None
+    return parsed.database
+
+
+def engine_kwargs(url: str, read_only: bool = False) -> dict[str, Any]:
+    """`create_engine` arguments for `url`: SQLite's busy timeout, and with `read_only` a read-only connection.
+
+    A read-only SQLite connection opens the file through a URI (`read_only_sqlite_uri`), so
+    nothing is created (no empty database for a mistyped path), converted or written: a write
+    fails with "attempt to write a readonly database". Other databases are opened as given.
+    """
+    if not url.startswith("sqlite"):
+        return {}
+    path = sqlite_file(url) if read_only else None
+    if path is None:
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+
+    def connect():
+        import sqlite3
+
+        return sqlite3.connect(read_only_sqlite_uri(path), uri=True, timeout=SQLITE_BUSY_TIMEOUT_S,
+                               check_same_thread=False)
+
+    return {"creator": connect}
+
+
+def read_only_sqlite_uri(path: str) -> str:
+    """A SQLite URI that reads `path` and never writes it or anything beside it.
+
+    `mode=ro` where SQLite can read a WAL database's changes: its directory is writable (SQLite
+    creates the `-shm` index there), or the `-wal` and `-shm` files are there already (a writer
+    has it open). Otherwise (read-only media, a directory this user may not write) the file is
+    read `immutable=1`: as it stands, without locks, which is what a file nobody can write is.
+    """
+    path = os.path.abspath(path)
+    query = "mode=ro"
+    if not writable(os.path.dirname(path)) and _is_wal(path):
+        if not (os.path.exists(f"{path}-wal") and os.path.exists(f"{path}-shm")):
+            query = "immutable=1"
+    return f"file:{urllib.parse.quote(path)}?{query}"
+
+
+def writable(path: str) -> bool:
+    """Whether this process may write `path` (a read-only mount says no, even to root)."""
+    return os.access(path, os.W_OK | (os.X_OK if os.path.isdir(path) else 0),
+                     effective_ids=os.access in os.supports_effective_ids)
+
+
+def _is_wal(path: str) -> bool:
+    """Whether the SQLite file at `path` is in WAL mode (bytes 18 and 19 of its header are 2)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18] == 2 and header[19] == 2
+
+
+def _not_writable_reason(path: str) -> str:
+    try:
+        return "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError:
+        return "permission denied"
+
+
+def database_problem(url: str, write: bool) -> Optional[str]:
+    """Why `url` cannot serve the reading commands (`write=False`) or a `sweep start` (`write=True`), or None.
+
+    It creates and changes nothing: a SQLite file is read through a read-only connection. Checked:
+    the URL and its driver; for a SQLite file, that it exists (reading) or that its directory does
+    (start), that it is a file and an SQLite database whose pages all read (`PRAGMA quick_check`),
+    that it holds Optuna's tables (reading; an empty file is a new database for a start) and that
+    this process may write it and its directory (start). Other databases are checked when the
+    command connects.
+    """
+    import sqlite3
+
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        path = sqlite_file(url)
+        create_engine(url, **engine_kwargs(url)).dispose()  # loads the dialect and the driver; connects to nothing
+    except (ArgumentError, NoSuchModuleError):
+        return "not a database URL (e.g. sqlite:///studies.db, or a file path)"
+    except ImportError as e:
+        return f"the database driver is not installed ({e}); install it, or use a SQLite file"
+    if path is None:
+        return None
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a database file (pass the file, e.g. {os.path.join(path, 'studies.db')})"
+    if not os.path.exists(path):
+        if not write:
+            return f"no database at {path} (run `sweep start` first, or pass --storage)"
+        ancestor = directory
+        while not os.path.exists(ancestor) and os.path.dirname(ancestor) not in ("", ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+            return f"{ancestor} is a file, not a directory (pass a --storage path in a directory)"
+        if not os.path.isdir(directory):
+            return f"directory {directory} does not exist (create it first, or pass another --storage)"
+        if not writable(directory):
+            return (f"the database is not writable: cannot create {path} in {directory} "
+                    f"({_not_writable_reason(directory)}); pass a --storage in a writable directory")
+        return None
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path} (permission denied); pass a database this user may read"
+    try:
+        con = sqlite3.connect(read_only_sqlite_uri(path), uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            check = con.execute("PRAGMA quick_check(1)").fetchone()[0] if tables else "ok"  # reads every page
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return f"cannot use the database ({e}); pass another --storage, or restore {path} from a copy"
+    if check != "ok":
+        return (f"cannot use the database (database disk image is malformed); pass another --storage, "
+                f"or restore {path} from a copy")
+    if not write:
+        if os.path.getsize(path) == 0:
+            return (f"{path} is an empty file, not a study database (`sweep start --storage {path}` "
+                    f"creates a study in it; or pass another --storage)")
+        if not {"studies", "version_info"} <= tables:
+            return (f"{path} is an SQLite database without Optuna's tables, not a study database "
+                    f"(pass the file `sweep start` wrote, e.g. studies.db)")
+        return None
+    for target in (path, directory):
+        if not writable(target):
+            return (f"the database is not writable ({target}: {_not_writable_reason(target)}); copy it to a "
+                    f"writable place and pass that as --storage")
+    return None
+
+
 class Store:
     """Reads and writes the `sweep_*` tables of one database."""
 
-    def __init__(self, url: str, create: bool = True):
-        """Opens the store; `create=False` (readers) never creates tables, and reads as empty without them."""
+    def __init__(self, url: str, create: bool = True, read_only: bool = False):
+        """Opens the store; `create=False` (readers) never creates tables, and reads as empty without them.
+
+        `read_only` (with `create=False`) opens a SQLite file read-only (`make_engine`): the reading
+        commands never write the database, and read it on read-only media.
+        """
+        if create and read_only:
+            raise ValueError("a read-only store cannot create its tables")
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, read_only=read_only)
         if create:
             # In one write transaction: two drivers starting on a new file do not both create the tables.
             with self.write() as conn:

@@ -9,18 +9,28 @@ class StudyError(RuntimeError):
     """The study in the storage does not fit the config, or does not exist."""
 
 
-def make_storage(url: str, heartbeat_seconds: int | None = None, max_retries: int = 2):
+def make_storage(url: str, heartbeat_seconds: int | None = None, max_retries: int = 2, *, read_only: bool = False):
     """Optuna's RDB storage on `url` (SQLite: with a busy timeout, so readers don't break writes).
 
     With `heartbeat_seconds` (the driver's storage), a RUNNING trial whose
     heartbeat is older than 3 intervals is stale: `optuna.storages.fail_stale_trials`
     fails it and enqueues its parameters again, at most `max_retries` times.
+
+    With `read_only` (the reading commands), Optuna creates no tables and a SQLite file is opened
+    read-only (`sweep.store.engine_kwargs`): nothing is written, and a study on read-only media
+    reads. (On a study database Optuna's open only reads: its version row and alembic stamp are
+    there already.)
     """
     import warnings
 
     import optuna
 
-    kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    from sweep.store import engine_kwargs
+
+    if read_only:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, read_only=True),
+                                          skip_table_creation=True)
+    kwargs = engine_kwargs(url)
     if heartbeat_seconds is None:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     with warnings.catch_warnings():
@@ -107,6 +117,8 @@ def load_existing_study(storage, study_name: str | None):
     """A study for reading; with no name, the only study in the storage."""
     import optuna
 
+    if study_name == "":
+        raise StudyError("--study '': must be a non-empty name (or leave --study out for the only study)")
     if study_name is None:
         names = optuna.get_all_study_names(storage)
         if len(names) != 1:
@@ -116,7 +128,8 @@ def load_existing_study(storage, study_name: str | None):
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise StudyError(f"no study named {study_name!r} in the storage") from None
+        found = ", ".join(optuna.get_all_study_names(storage)) or "none"
+        raise StudyError(f"no study named {study_name!r} in the storage (studies in it: {found})") from None
 
 
 def best_trial(study):

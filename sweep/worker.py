@@ -14,7 +14,9 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,8 @@ class TrialSpec:
     """Documents per task of the objective suite in a rung's quick eval."""
     baseline_scores: Optional[dict] = None
     """The untuned base's per-task scores, for suites normalised against it."""
+    host_memory_limit_gib: Optional[float] = None
+    """Resident memory the slot's process may hold while the trial runs (`MemoryWatchdog`); None: no limit."""
 
 
 class Reporter(Protocol):
@@ -118,6 +122,8 @@ class BaselineSpec:
     log_file: Optional[str] = None
     device: str = "cpu"
     memory_cap_gib: Optional[float] = None
+    host_memory_limit_gib: Optional[float] = None
+    """Resident memory the slot's process may hold while scoring (`MemoryWatchdog`); None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ class TrialSlot:
         self._device = "cpu"
 
     def run(self, spec: TrialSpec, reporter: Optional[Reporter] = None) -> TrialResult:
-        with _output_to(spec.log_file):
+        with _output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "trial"):
             try:
                 return self._run(spec, reporter)
             finally:
@@ -168,7 +174,7 @@ class TrialSlot:
 
     def baseline(self, spec: "BaselineSpec") -> "BaselineResult":
         """Scores the untuned base (the resident one when there is one)."""
-        with _output_to(spec.log_file):
+        with _output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "baseline"):
             _setup_process(spec.num_threads)
             _setup_gpu(spec.device, spec.memory_cap_gib)
             from trainer.model import restore_training_layout, use_attention
@@ -362,6 +368,100 @@ def _rung_value(model, tokenizer, spec: TrialSpec, step: int) -> float:
         model.train()
     normalize = "chance" if config.normalize == "baseline" and spec.baseline_scores is None else config.normalize
     return aggregate(evaluated.scores, tasks, config.aggregate, config.floor, normalize, spec.baseline_scores)
+
+
+MEMORY_POLL_S = 0.2
+OUT_OF_MEMORY_SUFFIX = ".oom"
+
+
+def private_resident_bytes() -> int:
+    """Resident memory this process holds on its own: /proc/self/statm's resident pages minus its shared ones.
+
+    Left out are file-backed pages (libraries, a memory-mapped checkpoint: the kernel can drop them) and shared
+    memory (Ray's object store, which has its own limit). What is left, anonymous memory, is what a runaway
+    allocation grows and what takes a machine down.
+    """
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+def out_of_memory_file(log_file: str) -> Path:
+    """Where a slot's watchdog writes why it ended the run: beside its log (`worker.log` -> `worker.oom`)."""
+    return Path(log_file).with_suffix(OUT_OF_MEMORY_SUFFIX)
+
+
+def out_of_memory_reason(log_file: Optional[str]) -> Optional[str]:
+    """The reason a run's watchdog left beside `log_file` when it ended the slot's process; None if it did not."""
+    if log_file is None:
+        return None
+    try:
+        reason = out_of_memory_file(log_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return reason or None
+
+
+class MemoryWatchdog:
+    """Ends this process when its resident memory (`private_resident_bytes`) passes `limit_gib`.
+
+    A thread reads /proc/self/statm every `poll_s` while the run lasts. A runaway allocation cannot be stopped
+    by an exception (it may sit in one C call), so past the limit the watchdog writes the reason beside the
+    run's log (`out_of_memory_file`), prints it to the log, and kills its own process (SIGKILL): the driver
+    sees the slot's actor die, takes the reason from that file instead of Ray's, and replaces the slot.
+    A stale reason file is removed when the run starts. With `limit_gib` None it does nothing.
+    """
+
+    def __init__(self, limit_gib: Optional[float], log_file: Optional[str] = None, what: str = "trial",
+                 poll_s: float = MEMORY_POLL_S):
+        self.limit_gib = limit_gib
+        self.reason_file = out_of_memory_file(log_file) if log_file is not None else None
+        self.what = what
+        self.poll_s = poll_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "MemoryWatchdog":
+        if self.limit_gib is None:
+            return self
+        if self.reason_file is not None:
+            self.reason_file.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._watch, name="memory-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        print(f"resident memory: peak {self.peak_bytes / 2**30:.2f} GiB of the {self.what}'s limit of "
+              f"{self.limit_gib:.2f} GiB", flush=True)
+
+    def _watch(self) -> None:
+        limit = self.limit_gib * 2**30
+        while True:
+            used = private_resident_bytes()
+            self.peak_bytes = max(self.peak_bytes, used)
+            if used > limit:
+                self._end(used)
+            if self._stop.wait(self.poll_s):
+                return
+
+    def _end(self, used: int) -> None:
+        reason = (f"out of memory: the {self.what}'s process used {used / 2**30:.2f} GiB, over its limit of "
+                  f"{self.limit_gib:.2f} GiB (orchestration.cpu_memory_limit_gib; null: the slot's share of the "
+                  "memory available when the start began)")
+        with contextlib.suppress(OSError):  # no room to say why: the driver reports the death as Ray saw it
+            if self.reason_file is not None:
+                self.reason_file.parent.mkdir(parents=True, exist_ok=True)
+                partial = self.reason_file.with_name(self.reason_file.name + ".tmp")
+                partial.write_text(reason + "\n", encoding="utf-8")
+                os.replace(partial, self.reason_file)  # the driver never reads half a reason
+        with contextlib.suppress(OSError):  # to the run's log; no Python lock the stopped thread may hold
+            os.write(2, (reason + "\n").encode())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _memory_gib(device: str) -> float:

@@ -104,6 +104,22 @@ def test_invalid_set_names_the_key(item, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("name,problem", [
+    ("../../etc/x", "must not contain a path separator"),
+    ("/abs/study", "must not contain a path separator"),
+    ("a\\\\b", "must not contain a path separator"),
+    ("..", "must not start with a dot"),
+    (".hidden", "must not start with a dot"),
+    ("tab\\there", "must not contain control characters"),
+    ("''", "must be a non-empty name"),
+])
+def test_a_study_name_is_data_never_a_path(name, problem):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f'study.name="{name}"' if "\\" in name else f"study.name={name}"])
+    assert f"study.name: {problem}" in str(info.value)
+    assert load_config(None, ["study.name=my study-2.1"]).study.name == "my study-2.1"
+
+
 def test_roundtrip_through_plain_data():
     config = load_config(None)
     again = load_config(None)

@@ -279,12 +279,19 @@ def test_json_array_and_object_files(tmp_path):
     assert wrapped.examples == [Example("One.", "1")] and wrapped.skipped == {}
 
 
-def test_bad_json_names_the_line_and_max_rows_stops_before_it(tmp_path):
-    rows = [{"instruction": "One.", "response": "1"}, NOT_AN_OBJECT, "{not json"]
-    with pytest.raises(ValueError, match=r"data\.jsonl:3: not valid JSON"):
-        read_file(tmp_path, "fields", rows)
-    capped = read_file(tmp_path, "fields", rows, max_rows=2)
+def test_a_line_that_is_not_json_is_a_skipped_row_and_a_broken_json_file_names_its_line(tmp_path):
+    rows = [{"instruction": "One.", "response": "1"}, NOT_AN_OBJECT, "{not json",
+            {"instruction": "Two.", "response": "2"}]
+    got = read_file(tmp_path, "fields", rows)
+    assert got.examples == [Example("One.", "1"), Example("Two.", "2")]
+    assert got.skipped == {"not_object": 1, "not_json": 1}
+    capped = read_file(tmp_path, "fields", rows, max_rows=2)  # bad rows count towards max_rows
     assert capped.examples == [Example("One.", "1")] and capped.skipped == {"not_object": 1}
+    assert read_file(tmp_path, "oasst1", ["{not json"]).skipped == {"not_json": 1}
+
+    (tmp_path / "broken.json").write_text('[\n  {"instruction": "x",\n  oops\n]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.json:3: not valid JSON"):
+        read_source(SourceConfig(name="s", kind="file", path=str(tmp_path / "broken.json")))
 
     (tmp_path / "broken.json").write_text('[\n  {"instruction": "x",\n  oops\n]', encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json:3: not valid JSON"):

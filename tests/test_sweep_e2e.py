@@ -31,7 +31,7 @@ def status(cli, storage, study="e2e") -> dict:
     return json.loads(cli("status", "--storage", storage, "--study", study, "--format", "json"))
 
 
-def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli, ray_session):
+def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli, capsys, ray_session):
     monkeypatch.chdir(workdir)
     storage = f"sqlite:///{workdir / 'studies.db'}"
     common = ["--storage", storage, "--study", "e2e", "--gpu", "cpu",
@@ -104,7 +104,14 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
 
     # Two more trials on the same study, each failing at run time: both end FAIL
     # with a reason (the second ran after the first failed); earlier trials stay.
-    cli("start", "--trials", "2", *common, "--set", "trainer.lora.target_modules=[no_such_module]")
+    # A start whose trials all failed exits 1, its last line about this start.
+    from sweep.cli import main
+
+    capsys.readouterr()
+    assert main(["start", "--trials", "2", *common, "--set", "trainer.lora.target_modules=[no_such_module]"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("sweep start: error: study 'e2e': all 2 trial(s) of this start failed (the last: ")
+    assert "no_such_module" in last and f"the study's best is still trial {first['best']['number']}" in last
     after = status(cli, storage)
     assert len(after["trials"]) == 4
     assert after["trials"][:2] == first["trials"]

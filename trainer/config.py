@@ -16,6 +16,31 @@ def doc(text: str, **kwargs):
     return field(metadata={"doc": text}, **kwargs)
 
 
+# Upper bounds of the settings whose size is what a trial allocates: far above any real run, far below what
+# would take a machine's memory at once, so that a typo (pack_length: 1000000000000) is an error, not a run.
+MAX_ROW_TOKENS = 2**20
+"""Tokens of a packed row, of an example (max_seq_length) and of a padded micro-batch: 32x the 32768 of
+long-context runs; the attention and activations of one such row already exceed any one machine's memory."""
+MAX_STEP_TOKENS = 2**24
+"""Tokens of an optimizer step's micro-batches, which are all collated before the step (24 bytes a token)."""
+MAX_MICRO_BATCH_SIZE = 65536
+MAX_ACCUMULATION_STEPS = 65536
+MAX_EXAMPLES = 100_000_000
+"""The mix's example budget: about 30x the largest instruction mixes (a few million), 100x what one GPU can
+train in a day; each selected example costs about 600 bytes of row handles before a step runs."""
+MAX_SYNTHETIC_EXAMPLES = 1_000_000
+"""The synthetic digit task has 1180 distinct questions: a million draws repeats each about 850 times."""
+MAX_LORA_RANK = 16384
+"""The widest hidden size of open models (Llama-3.1-405B); a rank above a layer's width adds nothing, and the
+adapter's weights and optimizer state grow with it (about 42 MB per unit of rank on a 7B model)."""
+
+
+def check_at_most(name: str, value: int, limit: int, unit: str = "") -> None:
+    """Raises `ValueError` naming `name`, the limit and the value when `value` is above `limit`."""
+    if value > limit:
+        raise ValueError(f"{name}: must be <= {limit}{f' {unit}' if unit else ''}, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The base model and how it is quantized."""
@@ -129,6 +154,7 @@ class SourceConfig:
             raise ValueError(f"max_rows: must be >= 1, got {self.max_rows}")
         if self.num_train < 1:
             raise ValueError(f"num_train: must be >= 1, got {self.num_train}")
+        check_at_most("num_train", self.num_train, MAX_SYNTHETIC_EXAMPLES, "examples")
         # The synthetic task has 1180 distinct questions; held-out ones never appear in training.
         if not 0 <= self.num_eval <= 1000:
             raise ValueError(f"num_eval: must be between 0 and 1000, got {self.num_eval}")
@@ -179,8 +205,11 @@ class DataConfig:
             raise ValueError("mix: at least one source needs a weight > 0")
         if self.num_examples is not None and self.num_examples < 1:
             raise ValueError(f"num_examples: must be >= 1, got {self.num_examples}")
+        if self.num_examples is not None:
+            check_at_most("num_examples", self.num_examples, MAX_EXAMPLES, "examples")
         if self.max_seq_length < 8:
             raise ValueError(f"max_seq_length: must be >= 8, got {self.max_seq_length}")
+        check_at_most("max_seq_length", self.max_seq_length, MAX_ROW_TOKENS, "tokens")
 
     def weights(self) -> dict[str, float]:
         """Normalised mix weights of every source (unlisted sources weigh 1)."""
@@ -208,10 +237,20 @@ class LoraConfig:
     def validate(self) -> None:
         if self.r < 1:
             raise ValueError(f"r: must be >= 1, got {self.r}")
+        check_at_most("r", self.r, MAX_LORA_RANK)
         if self.alpha <= 0:
             raise ValueError(f"alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+def check_step_tokens(name: str, accumulation: int, micro_batch_tokens: int, micro_batch: str) -> None:
+    """An optimizer step's micro-batches (`accumulation` of `micro_batch_tokens`) hold at most MAX_STEP_TOKENS."""
+    if accumulation * micro_batch_tokens > MAX_STEP_TOKENS:
+        raise ValueError(
+            f"{name}: must be <= {MAX_STEP_TOKENS // micro_batch_tokens} with {micro_batch} (an optimizer step "
+            f"of at most {MAX_STEP_TOKENS} tokens), got {accumulation}"
+        )
 
 
 @dataclass(frozen=True)
@@ -262,8 +301,14 @@ class TrainConfig:
         for name in ("micro_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_most("micro_batch_size", self.micro_batch_size, MAX_MICRO_BATCH_SIZE, "examples")
+        check_at_most("gradient_accumulation_steps", self.gradient_accumulation_steps, MAX_ACCUMULATION_STEPS)
         if self.pack_length < 8:
             raise ValueError(f"pack_length: must be >= 8, got {self.pack_length}")
+        check_at_most("pack_length", self.pack_length, MAX_ROW_TOKENS, "tokens")
+        if self.packing:
+            check_step_tokens("gradient_accumulation_steps", self.gradient_accumulation_steps, self.pack_length,
+                              f"pack_length {self.pack_length}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.weight_decay < 0:

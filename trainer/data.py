@@ -301,12 +301,11 @@ def prepare_data(
         exclude: n-gram hashes (`ngrams`) of evaluation documents; an example
             sharing one is dropped and counted `contaminated`.
     """
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
     stats = DataStats(weights=config.weights())
     tokenized: dict[str, TokenizedSource] = {}
-    shared_key = _shared_key(tokenizer, config, exclude)  # once: hashing a large vocabulary takes time
-    for source in config.sources:
-        tokenized[source.name], hit = _tokenized_source(tokenizer, source, config, cache, shared_key, exclude)
+    for source, (tokenized[source.name], hit) in zip(
+        config.sources, tokenize_sources(tokenizer, config, cache_dir, exclude), strict=True
+    ):
         stats.cache_hits += hit
         stats.rows_used[source.name] = len(tokenized[source.name])
         stats.skip_reasons[source.name] = dict(sorted(tokenized[source.name].skipped.items()))
@@ -318,6 +317,22 @@ def prepare_data(
         rows.extend(tokenized[name].row(i) for i in indices)
     stats.tokens = sum(len(r["input_ids"]) for r in rows)
     return PreparedData(rows, stats)
+
+
+def tokenize_sources(
+    tokenizer, config: DataConfig, cache_dir: str | Path | None = None, exclude: frozenset[int] | None = None
+):
+    """Yields (tokenized rows, 1 if read from the cache) of each source in turn, filtered as a trial's are.
+
+    The rows left are the source's usable examples: bad rows, overlong ones
+    (with `overlong: skip`) and excluded ones are counted in `skipped`. Entries
+    go to the same cache as `prepare_data`'s, so a check at start costs the
+    first trial nothing.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
+    shared_key = _shared_key(tokenizer, config, exclude)  # once: hashing a large vocabulary takes time
+    for source in config.sources:
+        yield _tokenized_source(tokenizer, source, config, cache, shared_key, exclude)
 
 
 def draw_mix(

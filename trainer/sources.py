@@ -7,6 +7,8 @@ run: it is skipped and counted by reason, so the trial record says what was left
 out and why.
 
 Skip reasons:
+    not_json: a line of a JSON Lines file that is not valid JSON (a `.json`
+        file that does not parse is an error: there are no rows to keep).
     not_object: the row is not a JSON object.
     missing_field: a required field is absent, null or of the wrong type.
     empty_text: a required text is empty after stripping whitespace.
@@ -36,6 +38,8 @@ JSON_LIST_KEYS = ("data", "train", "rows")
 """Keys under which a `.json` object file may hold its list of rows."""
 SUMMARIZE_INSTRUCTION = "Summarize the following news article."
 CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+NOT_JSON = object()
+"""Stands for a JSON Lines row that did not parse (skipped as `not_json`)."""
 
 
 @dataclass
@@ -121,6 +125,8 @@ def format_row(fmt: str, row: dict, fields: dict[str, str] | None = None) -> lis
     Raises:
         ValueError: `fmt` is oasst1 or unknown (bad rows never raise).
     """
+    if row is NOT_JSON:
+        return "not_json"
     if not isinstance(row, dict):
         return "not_object"
     if fmt == "oasst1":
@@ -142,7 +148,7 @@ def _read_file_rows(source: SourceConfig) -> tuple[list[object], str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = _json_file_rows(path, text) if path.suffix.lower() == ".json" else _jsonl_rows(path, text, source.max_rows)
+    rows = _json_file_rows(path, text) if path.suffix.lower() == ".json" else _jsonl_rows(text, source.max_rows)
     if source.max_rows is not None:
         rows = rows[: source.max_rows]
     return rows, _file_fingerprint(source, data)
@@ -168,18 +174,18 @@ def _json_file_rows(path: Path, text: str) -> list[object]:
     raise ValueError(f"{path}: expected a list of objects, or an object with a list under 'data', 'train' or 'rows'")
 
 
-def _jsonl_rows(path: Path, text: str, max_rows: int | None) -> list[object]:
+def _jsonl_rows(text: str, max_rows: int | None) -> list[object]:
     rows: list[object] = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-    for line_no, line in enumerate(text.split("\n"), 1):
+    for line in text.split("\n"):
         if max_rows is not None and len(rows) >= max_rows:
             break
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        except json.JSONDecodeError:
+            rows.append(NOT_JSON)  # a bad row, skipped and counted like the others
     return rows
 
 
@@ -390,6 +396,8 @@ def _oasst1_examples(rows: list[object]) -> tuple[list[Example], dict[str, int]]
 
 
 def _oasst1_message(row: object, order: int) -> _Message | _Skip:
+    if row is NOT_JSON:
+        return _Skip("not_json")
     if not isinstance(row, dict):
         return _Skip("not_object")
     message_id, parent_id, role = row.get("message_id"), row.get("parent_id"), row.get("role")
