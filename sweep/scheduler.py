@@ -274,6 +274,8 @@ def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, s
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
+    from sweep import raynet
+
     if not ray.is_initialized():
         kwargs = dict(
             runtime_env={"env_vars": env_vars},
@@ -281,17 +283,16 @@ def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, s
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
-        if address:
-            try:
-                ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise SweepError(f"--address {address}: cannot join the Ray cluster ({first_line})") from None
-        else:
-            # A local Ray only offers GPUs a GPU profile asked for: with the cpu
-            # profile, trials must not wait for a GPU slot.
-            ray.init(num_cpus=os.cpu_count(), num_gpus=None if profile.uses_gpu else 0, **kwargs)
-        reclaim_stop_signals()  # ray.init took SIGTERM over
+        try:
+            if address and address != "local":
+                # Probed first, Ray's waits bounded: an address that cannot be joined is one line within ~25 s.
+                raynet.join(address, **kwargs)
+            else:
+                # On loopback, with a token of this process (sweep.raynet). A local Ray only offers GPUs a
+                # GPU profile asked for: with the cpu profile, trials must not wait for a GPU slot.
+                raynet.start_local(num_cpus=os.cpu_count(), num_gpus=None if profile.uses_gpu else 0, **kwargs)
+        finally:
+            reclaim_stop_signals()  # ray.init took SIGTERM over
     if profile.uses_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise GpuError(f"--gpu {profile.name}: the Ray cluster has no GPU; use --gpu cpu")
 
