@@ -219,9 +219,6 @@ def cmd_start(args) -> int:
     from sweep.study import StudyError
 
     n_trials = args.trials or config.study.n_trials
-    logging.getLogger("sweep").info(
-        "Study %r: %d trial(s) on profile %s, storage %s", study_name, n_trials, profile.name, args.storage
-    )
     ignore_file_size_signal()  # past a file-size limit: EFBIG, handled as a full disk, instead of a kill
     try:
         with stop_signals_raise():  # SIGTERM and SIGHUP stop the start as Ctrl-C does

@@ -36,11 +36,11 @@ def check_config(config: SweepConfig, profile: Optional[GpuProfile] = None) -> N
     Raises:
         PreflightError: the first check that fails.
     """
+    check_tasks(config)  # names only: no hub needed
     offline_if_hub_unreachable(config)
     model_config = check_model(config)
     if profile is not None and model_config is not None:
         warn_model_size(config, profile, model_config)
-    check_tasks(config)
     check_data(config)
 
 
@@ -129,8 +129,10 @@ def check_model(config: SweepConfig):
             raise PreflightError(f"{key}: no model directory at {path}")
         if not path.is_dir() or not (path / "config.json").is_file():
             raise PreflightError(f"{key}: {path} is not a model directory (it has no config.json)")
+    import transformers
     from transformers import AutoConfig
 
+    transformers.logging.disable_progress_bar()  # the demo base's first build: no bar between the log lines
     try:
         return AutoConfig.from_pretrained(
             resolve_model_path(name), revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -181,10 +183,14 @@ def parameter_count(model_config) -> Optional[int]:
 
 def warn_model_size(config: SweepConfig, profile: GpuProfile, model_config) -> None:
     """One warning line when the model is far too large for the profile chosen."""
+    from trainer.demo_base import DEMO_MODEL_ID
+
+    name = config.model.name_or_path
+    if name == DEMO_MODEL_ID:
+        return  # tiny, and built for the cpu profile
     count = parameter_count(model_config)
     if count is None:
         return
-    name = config.model.name_or_path
     if not profile.uses_gpu and count > CPU_PARAMS_WARN:
         log.warning("Model %s has %.1fB parameters: on the cpu profile a trial takes hours to days; "
                     "run on a GPU with --gpu (a100, h100, ...)", name, count / 1e9)

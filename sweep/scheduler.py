@@ -144,8 +144,11 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
         raise PreflightError(f"--study {study_name!r}: {problem}")
     # What can be known before any trial runs, checked before anything is written.
     check_study(config, storage_url, study_name)
-    log.info("Checking the base model, the tasks and the data")
     check_config(config, profile)
+    # Ray next: an address that cannot be joined (or a cluster without a GPU) stops the start unwritten too.
+    start_ray(address, profile, env_vars=_worker_env(config, _cpus_per_trial(config, profile)))
+    log.info("Study %r: %d trial(s) on profile %s, storage %s, %s", study_name, n_trials, profile.name,
+             storage_url, f"Ray cluster {address}" if address else "local Ray")
     store = Store(storage_url)
     lease = DriverLease.acquire(store, study_name, orchestration.heartbeat_seconds)
     ending, resumable = "failed", True
@@ -179,7 +182,6 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
     orchestration = config.orchestration
     cpus_per_trial = _cpus_per_trial(config, profile)
     work_dir = Path(orchestration.artifacts_dir).expanduser().resolve() / study_name
-    start_ray(address, profile, env_vars=_worker_env(config, cpus_per_trial))
     concurrency = _concurrency(config, profile, cpus_per_trial)
 
     storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
