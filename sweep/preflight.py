@@ -11,6 +11,7 @@ the config key and the remedy, in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from pathlib import Path
@@ -112,7 +113,7 @@ def set_offline() -> None:
 
 
 def check_model(config: SweepConfig):
-    """The base model's transformers config (the demo base is built here on first use).
+    """The base model's transformers config; None for the demo base (built locally, on first use, by a worker).
 
     A hub id resolves from the local cache when offline (HF_HUB_OFFLINE=1) or
     the hub is out of reach, else from the hub; a local path must be a model
@@ -123,16 +124,16 @@ def check_model(config: SweepConfig):
     model = config.model
     name = model.name_or_path
     key = "model.name_or_path"
-    if name != DEMO_MODEL_ID and _looks_like_path(name):
+    if name == DEMO_MODEL_ID:
+        return None  # built locally from fixed seeds on first use: always there
+    if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
             raise PreflightError(f"{key}: no model directory at {path}")
         if not path.is_dir() or not (path / "config.json").is_file():
             raise PreflightError(f"{key}: {path} is not a model directory (it has no config.json)")
-    import transformers
     from transformers import AutoConfig
 
-    transformers.logging.disable_progress_bar()  # the demo base's first build: no bar between the log lines
     try:
         return AutoConfig.from_pretrained(
             resolve_model_path(name), revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -225,14 +226,20 @@ def check_tasks(config: SweepConfig) -> None:
 
 
 def check_data(config: SweepConfig) -> None:
-    """Every source a trial may draw from reads, and leaves usable examples after filtering."""
+    """Every source a trial may draw from that is read (a file, a hub dataset) reads, and leaves usable examples
+    after filtering."""
     from trainer.data import tokenize_sources
     from trainer.model import load_tokenizer
 
-    data = config.data
+    # The generated sources (the demo's digit task) always have rows; what is read from files or the hub
+    # may have none that a trial can use.
+    read = [(i, s) for i, s in enumerate(config.data.sources) if s.kind != "synthetic"]
+    if not read:
+        return
+    data = dataclasses.replace(config.data, sources=[s for _, s in read])
     tokenizer = load_tokenizer(config.model)
     sources = iter(tokenize_sources(tokenizer, data))
-    for i, source in enumerate(data.sources):
+    for i, source in read:
         key = f"data.sources.{i} ({source.name})"
         try:
             tokenized, _ = next(sources)

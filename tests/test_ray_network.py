@@ -281,6 +281,7 @@ def test_the_local_ray_listens_on_loopback_only_and_asks_for_its_token(tmp_path)
 # --- --address -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the default run keeps one case, through the CLI (below)
 def test_unjoinable_addresses_fail_within_30s_in_one_line(tmp_path, not_ray_servers, ray_start_head):
     silent_port, http_port = not_ray_servers
     closed = free_port()
