@@ -189,7 +189,7 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
 def _check_out(out: Path, force: bool) -> None:
     """Refuses an `out` that is a file, lies under a file, is a non-empty directory (without `force`), or is
     not writable (a read-only mount, a directory this user may not write); nothing is created here."""
-    from sweep.store import writable
+    from sweep.store import not_writable_reason, writable
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is there, not a directory (pass a new or empty directory)")
@@ -201,8 +201,8 @@ def _check_out(out: Path, force: bool) -> None:
     if not ancestor.is_dir():
         raise ValueError(f"--out {out}: {ancestor} is a file, not a directory (pass a path in a directory)")
     if not writable(str(ancestor)):
-        reason = "read-only file system" if os.statvfs(ancestor).f_flag & os.ST_RDONLY else "permission denied"
-        raise ValueError(f"--out {out}: cannot write in {ancestor} ({reason}); pass an --out in a writable place")
+        raise ValueError(f"--out {out}: cannot write in {ancestor} ({not_writable_reason(str(ancestor))}); pass an "
+                         f"--out in a writable place")
 
 
 def _trial_to_export(status: dict[str, Any], which: int | str) -> int:

@@ -286,7 +286,7 @@ def _is_wal(path: str) -> bool:
     return len(header) == 20 and header[18] == 2 and header[19] == 2
 
 
-def _not_writable_reason(path: str) -> str:
+def not_writable_reason(path: str) -> str:
     try:
         return "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
     except OSError:
@@ -331,7 +331,7 @@ def database_problem(url: str, write: bool) -> Optional[str]:
             return f"directory {directory} does not exist (create it first, or pass another --storage)"
         if not writable(directory):
             return (f"the database is not writable: cannot create {path} in {directory} "
-                    f"({_not_writable_reason(directory)}); pass a --storage in a writable directory")
+                    f"({not_writable_reason(directory)}); pass a --storage in a writable directory")
         return None
     if not os.access(path, os.R_OK):
         return f"cannot read {path} (permission denied); pass a database this user may read"
@@ -357,7 +357,7 @@ def database_problem(url: str, write: bool) -> Optional[str]:
         return None
     for target in (path, directory):
         if not writable(target):
-            return (f"the database is not writable ({target}: {_not_writable_reason(target)}); copy it to a "
+            return (f"the database is not writable ({target}: {not_writable_reason(target)}); copy it to a "
                     f"writable place and pass that as --storage")
     return None
 
