@@ -367,8 +367,6 @@ def _load_status(args) -> dict:
     from sweep.store import Store
     from sweep.study import StudyError, load_existing_study, make_storage
 
-    if args.study == "":
-        raise CliError("--study '': must be a non-empty name (or leave --study out for the only study)")
     _check_storage(args.storage, write=False)
     # Read-only: reading never creates, converts or writes the database, and works on read-only media.
     try:

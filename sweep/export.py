@@ -189,19 +189,17 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
 def _check_out(out: Path, force: bool) -> None:
     """Refuses an `out` that is a file, lies under a file, is a non-empty directory (without `force`), or is
     not writable (a read-only mount, a directory this user may not write); nothing is created here."""
-    from sweep.store import not_writable_reason, writable
+    from sweep.store import nearest_existing, not_writable_reason, writable
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is there, not a directory (pass a new or empty directory)")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out}: the directory is not empty (pass --force to replace its contents)")
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
+    ancestor = nearest_existing(str(out.parent))
+    if not os.path.isdir(ancestor):
         raise ValueError(f"--out {out}: {ancestor} is a file, not a directory (pass a path in a directory)")
-    if not writable(str(ancestor)):
-        raise ValueError(f"--out {out}: cannot write in {ancestor} ({not_writable_reason(str(ancestor))}); pass an "
+    if not writable(ancestor):
+        raise ValueError(f"--out {out}: cannot write in {ancestor} ({not_writable_reason(ancestor)}); pass an "
                          f"--out in a writable place")
 
 

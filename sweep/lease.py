@@ -139,26 +139,19 @@ class DriverLease:
         with store.engine.connect() as conn:
             if not all(inspect(conn).has_table(t.name) for t in (leases, drivers)):
                 return
-            lease = conn.execute(select(leases).where(leases.c.study_name == study_name)).first()
-            if lease is None:
-                return
-            row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
-            holder = _driver(row) if row is not None else None
-            age = max(0.0, (store.now(conn) - lease.heartbeat_at).total_seconds())
-        if _dead_why(holder, age, host_key()) is None:
-            raise LeaseHeld(_held_message(study_name, holder, age))
+            held = _lease_holder(conn, study_name, store.now(conn))
+        if held is not None and _dead_why(held[1], held[2], host_key()) is None:
+            raise LeaseHeld(_held_message(study_name, held[1], held[2]))
 
     @classmethod
     def _acquire(cls, store: Store, study_name: str, heartbeat_seconds: int) -> "DriverLease":
         me = host_key()
         with store.write() as conn:
             now = store.now(conn)
-            lease = conn.execute(select(leases).where(leases.c.study_name == study_name).with_for_update()).first()
+            held = _lease_holder(conn, study_name, now, for_update=True)
             previous = None
-            if lease is not None:
-                row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
-                holder = _driver(row) if row is not None else None
-                age = max(0.0, (now - lease.heartbeat_at).total_seconds())
+            if held is not None:
+                lease, holder, age = held
                 dead_why = _dead_why(holder, age, me)
                 if dead_why is None:
                     raise LeaseHeld(_held_message(study_name, holder, age))
@@ -215,6 +208,16 @@ class DriverLease:
             conn.execute(drivers.update().where(drivers.c.id == self.driver_id, drivers.c.ended_at.is_(None)).values(
                 ended_at=self.store.now(conn), end_reason=reason, resumable=resumable,
             ))
+
+
+def _lease_holder(conn, study_name: str, now: dt.datetime, for_update: bool = False):
+    """(lease row, its driver or None, heartbeat age in seconds) of the study's lease, or None when there is none."""
+    query = select(leases).where(leases.c.study_name == study_name)
+    lease = conn.execute(query.with_for_update() if for_update else query).first()
+    if lease is None:
+        return None
+    row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
+    return lease, _driver(row) if row is not None else None, max(0.0, (now - lease.heartbeat_at).total_seconds())
 
 
 def _dead_why(holder: Optional[DriverRecord], heartbeat_age_s: float, me: str) -> Optional[str]:

@@ -233,8 +233,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
                 # Every trial loads and scores the same base: none would succeed. The next start retries.
                 log.error("%s; starting no trial", e)
                 failure = str(e)
-        driver = _Driver(run, 0 if failure else n_trials)
-        driver.failure = failure
+        driver = _Driver(run, n_trials, failure=failure)
         numbers = driver.run()
     finally:
         pool.kill_all()
@@ -444,15 +443,16 @@ class Budget:
 class _Driver:
     """The loop of one start: keeps every slot busy, serves the mailbox, records each trial's end."""
 
-    def __init__(self, run: _Run, n_trials: int):
+    def __init__(self, run: _Run, n_trials: int, failure: Optional[str] = None):
+        """`failure`: why this start already failed (the baseline): it starts no trial."""
         orchestration = run.config.orchestration
         self.run_ = run
-        self.to_start = n_trials
+        self.to_start = 0 if failure else n_trials
         self.flights: dict[Any, _Flight] = {}
         self.free = list(range(len(run.pool.actors)))
         self.numbers: list[int] = []
         unit = "GPU-hours" if run.profile.uses_gpu else "slot-hours"
-        self.progress = Progress(run.study.study_name, n_trials, unit, orchestration.budget_hours)
+        self.progress = Progress(run.study.study_name, self.to_start, unit, orchestration.budget_hours)
         self.budget = Budget(orchestration.budget_hours, orchestration.timeout_seconds, unit)
         self.display: Optional[Display] = None
         best = best_trial(run.study)  # a resumed study shows its best from the start
@@ -460,7 +460,7 @@ class _Driver:
         self.max_failures = orchestration.max_consecutive_failures
         self.failure_streak: list[str] = []
         """The reasons of the trials that failed since the last one that did not, in the order they ended."""
-        self.failure: Optional[str] = None
+        self.failure = failure
         self.last_failure: Optional[str] = None
 
     def run(self) -> list[int]:

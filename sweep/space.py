@@ -9,15 +9,17 @@ from sweep.config import ParamSpace
 
 def suggest(trial, search_space: dict[str, ParamSpace]) -> dict[str, Any]:
     """Samples every searched parameter of `trial` (an Optuna trial); keys are dotted paths."""
+    import optuna
+
     params = {}
     for name, space in search_space.items():
-        if space.type == "categorical":
-            params[name] = trial.suggest_categorical(name, space.choices)
-        elif space.type == "int":
-            step = int(space.step) if space.step else 1
-            params[name] = trial.suggest_int(name, int(space.low), int(space.high), step=step, log=space.log)
+        dist = distribution(space)
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
         else:
-            params[name] = trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
+            params[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return params
 
 

@@ -276,6 +276,16 @@ def writable(path: str) -> bool:
                      effective_ids=os.access in os.supports_effective_ids)
 
 
+def nearest_existing(path: str) -> str:
+    """`path` if it exists, else its nearest ancestor that does (`.` for a relative path none of whose parts do)."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return path
+        path = parent or "."
+    return path
+
+
 def _is_wal(path: str) -> bool:
     """Whether the SQLite file at `path` is in WAL mode (bytes 18 and 19 of its header are 2)."""
     try:
@@ -322,10 +332,8 @@ def database_problem(url: str, write: bool) -> Optional[str]:
     if not os.path.exists(path):
         if not write:
             return f"no database at {path} (run `sweep start` first, or pass --storage)"
-        ancestor = directory
-        while not os.path.exists(ancestor) and os.path.dirname(ancestor) not in ("", ancestor):
-            ancestor = os.path.dirname(ancestor)
-        if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+        ancestor = nearest_existing(directory)
+        if not os.path.isdir(ancestor):
             return f"{ancestor} is a file, not a directory (pass a --storage path in a directory)"
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist (create it first, or pass another --storage)"
