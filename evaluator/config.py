@@ -47,7 +47,8 @@ class TaskConfig:
     )
     generator: Optional[str] = doc(
         "Build this offline micro task (generated documents in a real task's shape): micro_mc (lettered "
-        "multiple choice), micro_gen (exact match, GSM8K-like), micro_sum (ROUGE-2), micro_ethics, micro_math.",
+        "multiple choice), micro_gen (exact match, GSM8K-like), micro_sum (ROUGE-2), micro_ethics, micro_math, "
+        "micro_parity.",
         default=None,
     )
     num_docs: int = doc("For a generator task: documents generated.", default=100)

@@ -258,6 +258,18 @@ class SweepConfig:
                     raise ValueError(
                         f"evaluator.{key}.source: source {task.source!r} ({src.kind}) has no held-out split"
                     )
+                if src.num_eval < 1:
+                    raise ValueError(f"evaluator.{key}.source: source {task.source!r} has num_eval 0 (no held-out "
+                                     "documents to score)")
+            shape = sources[task.source].generator if task.source is not None else task.generator
+            if shape is not None:
+                from evaluator.micro import METRICS
+
+                reported = METRICS.get(shape, "acc")  # the digit task is two-choice: acc
+                if task.metric != reported:
+                    raise ValueError(
+                        f"evaluator.{key}.metric: a {shape} task reports {reported!r}, got {task.metric!r}"
+                    )
         if self.trainer.packing and self.trainer.pack_length < self.data.max_seq_length:
             raise ValueError(
                 f"trainer.pack_length: must be >= data.max_seq_length ({self.data.max_seq_length}) when packing, "

@@ -45,7 +45,7 @@ from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
 from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, out_of_memory_reason
-from trainer.data import heldout_docs, write_choice_docs
+from trainer.data import Example, heldout_docs, render, resolve_template, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
 
 log = logging.getLogger("sweep")
@@ -302,17 +302,25 @@ def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
     """Writes the local lm-eval tasks (and their held-out data) into the sweep's work area."""
     task_dir = work_dir / "tasks"
     sources = {s.name: s for s in config.data.sources}
+    tokenizer = _prompt_tokenizer(config)
+    template = resolve_template(tokenizer, config.data.template)
+
+    def render_prompt(text: str) -> str:  # generated tasks are prompted as the model is trained
+        return render(tokenizer, template, Example(text, ""))[0]
+
     for task in config.evaluator.all_tasks():
-        if task.source is not None:
+        source = sources.get(task.source) if task.source is not None else None
+        if source is not None and source.generator != "digits":
+            write_micro_task(task.name, source.generator, task_dir, docs=heldout_docs(source), render=render_prompt)
+        elif source is not None:
             data_file = write_choice_docs(
-                heldout_docs(sources[task.source]), work_dir / "data" / f"{task.name}.jsonl",
-                config.data.template, tokenizer=_prompt_tokenizer(config),
+                heldout_docs(source), work_dir / "data" / f"{task.name}.jsonl", config.data.template, tokenizer
             )
             write_choice_task(task.name, data_file, task_dir)
         elif task.data_file is not None:
             write_choice_task(task.name, task.data_file, task_dir)
         elif task.generator is not None:
-            write_micro_task(task.name, task.generator, task_dir, n=task.num_docs)
+            write_micro_task(task.name, task.generator, task_dir, n=task.num_docs, render=render_prompt)
     task_dir.mkdir(parents=True, exist_ok=True)
     return task_dir
 

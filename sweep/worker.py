@@ -361,13 +361,33 @@ def _rung_value(model, tokenizer, spec: TrialSpec, step: int) -> float:
     use_attention(model, "sdpa")
     _release_cached_memory(spec.device)  # the activations' blocks: room for the dense copy (`dequantize: auto`)
     try:
-        evaluated = _score(model, tokenizer, tasks, config, spec.task_dir, spec.memory_cap_gib)
+        # lm-eval seeds Python's, NumPy's and torch's generators: the training that follows must draw the dropout
+        # masks it would have drawn without the rung, so a trial trains the same whatever its rungs.
+        with _random_state_kept(spec.device):
+            evaluated = _score(model, tokenizer, tasks, config, spec.task_dir, spec.memory_cap_gib)
     finally:
         use_attention(model, attention_implementation(spec.model, spec.device))
         restore_training_layout(model)
         model.train()
     normalize = "chance" if config.normalize == "baseline" and spec.baseline_scores is None else config.normalize
     return aggregate(evaluated.scores, tasks, config.aggregate, config.floor, normalize, spec.baseline_scores)
+
+
+@contextlib.contextmanager
+def _random_state_kept(device: str):
+    """Restores the global random generators (Python, NumPy, torch CPU and CUDA) on exit."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 MEMORY_POLL_S = 0.2

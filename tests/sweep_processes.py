@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 # Short trials on one thread each (on a busy 2-core machine two threads per trial wait on each other
-# most of the time), a light suite (the digit task on 40 documents): what these tests check is how a
-# start ends, not what it scores.
-ONE_THREAD = ["--set", "orchestration.cpus_per_trial=1"]
-FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8", *ONE_THREAD]
+# most of the time), one slot (the demo runs two) unless a test asks for more, rungs at 25% and 50%, a
+# light suite (the digit task on 40 documents): what these tests check is how a start ends, not what it
+# scores.
+ONE_THREAD = ["--set", "orchestration.cpus_per_trial=1", "--set", "orchestration.concurrency=1"]
+FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8",
+        "--set", "study.rungs=[0.25, 0.5]", *ONE_THREAD]
 LIGHT = [
     "--set", "evaluator.suites={open: {tasks: [{name: demo_digits, source: digits, metric: acc, chance: 0.5}]}}",
     "--set", "evaluator.pick_by=null", "--set", "data.sources.0.num_eval=40",

@@ -46,8 +46,8 @@ REASON = re.compile(r"out of memory: the (trial|baseline)'s process used (\d+\.\
      "evaluator.generation.max_new_tokens: must be <= 131072 tokens, got 10000000"),
     (["evaluator.generation.batch_size=100000"],
      "evaluator.generation.batch_size: must be <= 4096 sequences, got 100000"),
-    (["evaluator.suites.open.tasks.1.num_docs=1000000000"],
-     "evaluator.suites.open.tasks.1.num_docs: must be <= 100000 documents, got 1000000000"),
+    (["evaluator.suites.heldout.tasks.0.num_docs=1000000000"],
+     "evaluator.suites.heldout.tasks.0.num_docs: must be <= 100000 documents, got 1000000000"),
     (["evaluator.suites.open.tasks.2.max_new_tokens=10000000"],
      "evaluator.suites.open.tasks.2.max_new_tokens: must be <= 131072 tokens, got 10000000"),
     # Searched values: each extreme alone, then the largest ones together.
@@ -58,7 +58,7 @@ REASON = re.compile(r"out of memory: the (trial|baseline)'s process used (\d+\.\
      "search_space.data.num_examples: value 1000000000.0 is invalid for data.num_examples (num_examples: must "
      "be <= 100000000 examples, got 1000000000)"),
     (["trainer.packing=false", "search_space.trainer.micro_batch_size={type: int, low: 8, high: 60000}"],
-     "search_space.trainer.micro_batch_size: must be <= 16384 with data.max_seq_length 64 (a padded "
+     "search_space.trainer.micro_batch_size: must be <= 10922 with data.max_seq_length 96 (a padded "
      "micro-batch of at most 1048576 tokens), got 60000"),
     (["search_space.trainer.pack_length={type: categorical, choices: [320, 1048576]}",
       "search_space.trainer.gradient_accumulation_steps={type: int, low: 1, high: 64}"],

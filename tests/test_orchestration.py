@@ -52,8 +52,9 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
 
 def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, caplog):
     caplog.set_level(logging.INFO, logger="sweep")
+    # Trials of 60 steps: long enough that the second slot's start (its own base load) falls within the first.
     cli("start", "--trials", "2", "--concurrency", "2", *_common(tmp_path, "two"), *LIGHT, "--set",
-        "study.pruner=none")
+        "study.pruner=none", "--set", "trainer.max_steps=60")
     trials = _status(cli, tmp_path, "two")["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     (a_start, a_end), (b_start, b_end) = [
@@ -183,7 +184,7 @@ def test_the_pruner_is_rebuilt_from_the_config_when_the_study_is_loaded(tmp_path
     config = load_config(None, ["trainer.max_steps=40"])
     study = create_or_load_study(config, storage, "p")
     assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
-    assert study.pruner._min_resource == 10 and study.pruner._reduction_factor == 2  # the first rung: step 10
+    assert study.pruner._min_resource == 12 and study.pruner._reduction_factor == 2  # the first rung: 30% of 40
     for name, kind in (("hyperband", optuna.pruners.HyperbandPruner), ("median", optuna.pruners.MedianPruner),
                        ("none", optuna.pruners.NopPruner)):
         again = create_or_load_study(load_config(None, [f"study.pruner={name}"]), storage, "p")

@@ -53,8 +53,9 @@ CANNOT_SUCCEED = {
         "error: evaluator.suites.heldout.tasks.1.name: no lm-eval task named 'gsm8kk' (did you mean gsm8k",
     ),
     "data file with no usable rows": (
-        ["--set", "data.sources=[{name: digits, kind: synthetic}, {name: mine, kind: file, path: BAD}]"],
-        "error: data.sources.1 (mine): no usable example in BAD (skipped: 2 missing_field, 1 not_json)",
+        ["--set", "data.sources.3={name: news, kind: file, path: BAD}", "--set",
+         "evaluator.suites.open.tasks.3.source=null", "--set", "evaluator.suites.open.tasks.3.generator=micro_sum"],
+        "error: data.sources.3 (news): no usable example in BAD (skipped: 2 missing_field, 1 not_json)",
     ),
     "missing model path": (
         ["--set", "model.name_or_path=./models/not-there"],

@@ -24,7 +24,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
-ALL_TASKS = {"demo_digits", "micro_mc", "micro_gen", "micro_sum", "micro_ethics", "micro_math"}
+ALL_TASKS = {"demo_digits", "micro_mc", "micro_gen", "micro_sum", "micro_math", "micro_parity"}
 
 
 def status(cli, storage, study="e2e") -> dict:
@@ -49,8 +49,13 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
         assert t["value"] == t["open_value"] == t["values"]["open"] and 0.0 < t["heldout_value"] <= 1.0
         assert t["train_steps"] == 60 and t["tokens_per_second"] > 0
         assert t["peak_memory_gib"] is None
+        # The demo searches the mix with the training settings: the drawn weights are the trial's data.
+        mix = {k.removeprefix("data.mix."): v for k, v in t["params"].items() if k.startswith("data.mix.")}
         assert set(t["params"]) == {"trainer.learning_rate", "trainer.lora.r", "trainer.lora.alpha",
-                                    "trainer.lora.dropout"}
+                                    "trainer.lora.dropout", "data.num_examples", *(f"data.mix.{s}" for s in mix)}
+        assert set(mix) == {"digits", "letters", "sums", "news"}
+        assert t["data"]["weights"] == {k: round(v / sum(mix.values()), 6) for k, v in mix.items()}
+        assert t["data"]["examples"] == t["params"]["data.num_examples"]
     assert trials[0]["params"] != trials[1]["params"]
     assert first["baseline"] is not None and set(first["baseline"]["scores"]) == ALL_TASKS
     assert set(first["baseline"]["values"]) == {"open", "heldout"}

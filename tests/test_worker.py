@@ -129,3 +129,26 @@ def test_a_rungs_quick_eval_takes_the_first_documents_of_the_objectives_tasks():
     limits = {t.name: t.limit for t in rung_tasks(config, 32)}
     # mmlu's limit holds per subject (57 of them): its own rung_limit keeps the rung quick.
     assert limits == {"gsm8k": 32, "small": 10, "mmlu": 1, "all": 32}
+
+
+
+def test_a_rungs_scoring_leaves_the_random_generators_training_draws_from():
+    """lm-eval seeds Python's, NumPy's and torch's generators when it scores: after a rung, the trial must draw
+    the dropout masks (and anything else random) it would have drawn without the rung."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from sweep.worker import _random_state_kept
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = draws()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    with _random_state_kept("cpu"):
+        random.seed(0), np.random.seed(1234), torch.manual_seed(1234)  # what lm-eval's evaluate does
+        seeded = draws()
+    assert draws() == expected and seeded != expected

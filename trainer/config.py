@@ -28,6 +28,8 @@ MAX_ACCUMULATION_STEPS = 65536
 MAX_EXAMPLES = 100_000_000
 """The mix's example budget: about 30x the largest instruction mixes (a few million), 100x what one GPU can
 train in a day; each selected example costs about 600 bytes of row handles before a step runs."""
+SYNTHETIC_GENERATORS = ("digits", "micro_mc", "micro_gen", "micro_sum", "micro_ethics", "micro_math", "micro_parity")
+"""What a synthetic source generates: the digit task, or the shape of a micro task (evaluator.micro.MICRO_TASKS)."""
 MAX_SYNTHETIC_EXAMPLES = 1_000_000
 """The synthetic digit task has 1180 distinct questions: a million draws repeats each about 850 times."""
 MAX_LORA_RANK = 16384
@@ -93,7 +95,7 @@ class SourceConfig:
     kind: Literal["hub", "file", "synthetic", "jsonl"] = doc(
         "`hub`: a dataset loaded with `datasets.load_dataset` (a hub id, or a local dataset directory); "
         "`file`: a local JSON or JSON Lines file (`jsonl` is the same); "
-        "`synthetic`: the demo's generated digit task (train and held-out splits)."
+        "`synthetic`: generated data with train and held-out splits (see `generator`)."
     )
     dataset: Optional[str] = doc("For hub: the dataset id (e.g. databricks/databricks-dolly-15k).", default=None)
     subset: Optional[str] = doc(
@@ -113,6 +115,13 @@ class SourceConfig:
         default_factory=lambda: {"instruction": "instruction", "input": "input", "response": "response"},
     )
     max_rows: Optional[int] = doc("Read at most this many rows of the source; null: all.", default=None)
+    generator: str = doc(
+        "For synthetic: what is generated. `digits`: two-choice questions about digits (parity, the larger, "
+        "the smaller); or a micro task's shape (micro_mc, micro_gen, micro_sum, micro_ethics, micro_math, "
+        "micro_parity: evaluator/micro.py), whose held-out split (other names and places) an evaluator task with "
+        "`source:` scores in that shape.",
+        default="digits",
+    )
     num_train: int = doc("For synthetic: number of training examples.", default=2000)
     num_eval: int = doc("For synthetic: number of held-out examples (the eval split).", default=200)
     seed: int = doc("For synthetic: generator seed (same seed, same data).", default=0)
@@ -142,6 +151,12 @@ class SourceConfig:
             raise ValueError(f"path: required for a {self.kind} source")
         if self.kind == "synthetic" and self.format != "auto":
             raise ValueError("format: the synthetic source has its own rows")
+        if self.kind != "synthetic" and self.generator != "digits":
+            raise ValueError(f"generator: only a synthetic source is generated (this one is {self.kind})")
+        if self.kind == "synthetic" and self.generator not in SYNTHETIC_GENERATORS:
+            raise ValueError(
+                f"generator: expected one of {', '.join(SYNTHETIC_GENERATORS)}, got {self.generator!r}"
+            )
         if self.row_format == "fields" and self.kind != "synthetic":
             unknown = set(self.fields) - {"instruction", "input", "response"}
             if unknown:
@@ -155,7 +170,7 @@ class SourceConfig:
         if self.num_train < 1:
             raise ValueError(f"num_train: must be >= 1, got {self.num_train}")
         check_at_most("num_train", self.num_train, MAX_SYNTHETIC_EXAMPLES, "examples")
-        # The synthetic task has 1180 distinct questions; held-out ones never appear in training.
+        # The digit task has 1180 distinct questions; held-out ones never appear in training.
         if not 0 <= self.num_eval <= 1000:
             raise ValueError(f"num_eval: must be between 0 and 1000, got {self.num_eval}")
 

@@ -1,7 +1,8 @@
 """Training data: prompt templates, tokenization with response-only labels, the cache and the weighted mix.
 
 Sources are read by `trainer.sources` (named hub datasets and local files)
-and here (the demo's synthetic task).
+and here (generated ones: the digit task here, the micro tasks' shapes in
+`evaluator.micro`).
 """
 
 from __future__ import annotations
@@ -126,10 +127,19 @@ def render(tokenizer, template: str, example: Example) -> tuple[str, str]:
     return prompt, prompt + example.response
 
 
-def heldout_docs(source: SourceConfig) -> list[ChoiceDoc]:
-    """The held-out split of a source that has one (the synthetic task)."""
+def heldout_docs(source: SourceConfig) -> list:
+    """The held-out split of a source that has one (a synthetic source).
+
+    `ChoiceDoc`s of the digit task; for a micro shape, lm-eval documents of
+    that micro task (`evaluator.micro`), drawn from names and places its
+    training split never uses.
+    """
     if source.kind != "synthetic":
         raise ValueError(f"source {source.name!r} ({source.kind}) has no held-out split")
+    if source.generator != "digits":
+        from evaluator.micro import split_docs
+
+        return split_docs(source.generator, source.seed, 0, source.num_eval)[1]
     _, heldout = digit_task(source.seed, source.num_train, source.num_eval)
     return heldout
 
@@ -155,6 +165,11 @@ def example_text(example: Example) -> str:
 
 def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int]]:
     """(examples, skip reasons) of one source."""
+    if source.kind == "synthetic" and source.generator != "digits":
+        from evaluator.micro import example, split_docs
+
+        train, _ = split_docs(source.generator, source.seed, source.num_train, 0)
+        return [Example(*example(source.generator, d)) for d in train], {}
     if source.kind == "synthetic":
         train, _ = digit_task(source.seed, source.num_train, source.num_eval)
         return [Example(d.instruction, d.choices[d.answer]) for d in train], {}
@@ -166,6 +181,10 @@ def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int]]:
 
 def fingerprint(source: SourceConfig) -> str:
     """Identifies a source's content (cheap: no row is parsed)."""
+    if source.kind == "synthetic" and source.generator != "digits":
+        from evaluator.micro import GENERATOR_VERSION
+
+        return f"synthetic:{source.generator}:{GENERATOR_VERSION}:{source.seed}:{source.num_train}"
     if source.kind == "synthetic":
         return f"synthetic:{source.seed}:{source.num_train}:{source.num_eval}"
     from trainer.sources import source_fingerprint

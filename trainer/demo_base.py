@@ -24,9 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 DEMO_MODEL_ID = "sweep-demo/tiny-llama"
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
-_VOCAB_SIZE = 384
+_VOCAB_SIZE = 1024
 
 # Shapes of the demo model. Dimensions are multiples of 64, the NF4 block size.
 DEMO_MODEL_SHAPE = dict(
@@ -39,7 +39,8 @@ DEMO_MODEL_SHAPE = dict(
 )
 
 # Text the tokenizer learns its merges from: the prompt templates and the words
-# and digits of the demo task, plus common English so other text stays short.
+# and digits of the demo's tasks (the digit task and evaluator.micro's shapes),
+# plus common English so other text stays short.
 _TOKENIZER_TEXT = """
 ### Instruction:
 ### Input:
@@ -49,9 +50,31 @@ Is 0 1 2 3 4 5 6 7 8 9 even or odd? even odd
 Which is larger, 3 or 7? Which is smaller, 8 or 2? larger smaller
 What is the last digit of 4 7 1? What is the first digit of 9 0 2? last first digit
 Answer with one word. Answer with a number. yes no true false A B C D
+Question: What colour is the sky, Ada? A. green B. blue C. red D. black white pink Answer: B
+What colour is grass? How many legs has a cat? two six four eight Which animal barks? cat cow fish dog
+Which animal swims? What do bees make? silk honey bread wool Which season is coldest? spring summer winter autumn
+What is frozen water? steam mud oil ice How many days has a week? seven five ten six Which is a fruit?
+chair apple stone shoe Which shape has three sides? circle square triangle line What does a key open? tree cloud
+song door Which animal gives milk? bee What colour is snow? Which is hot? fire rain What do we read? cup book
+Which animal flies? bird How many wheels has a bike? What do we drink? water sand Which season is hottest?
+What shines at night? moon sun Which is a colour? What do cows eat? meat Which month comes first?
+May June March January
+Question: Ada has 3 apples and finds 4 more. How many apples does Ada have now? Answer: Ada has 3 + 4 = 7 apples.
+#### 7 #### 10 #### 11 #### 12 #### 13 #### 14 #### 15 #### 16 #### 17 #### 18 = 5 + 6 =
+Ada Ben Cleo Dev Eli Fay Gus Hana apples books coins shells stamps pens
+Article: On Monday, a storm flooded the harbour. Ben saw it and said that the harbour had never been so busy.
+Summary: A storm flooded the harbour on Monday. A fire closed the market on Tuesday. A parade filled the old mill
+on Friday. A festival opened at the school on Sunday. Workers repaired the station. the bridge the park the library
+Scenario: Cleo returned a lost wallet to its owner. Question: Is what Cleo did acceptable? Answer: yes no
+helped a neighbour carry groceries, kept a promise to a friend, shared lunch with a new classmate,
+took a bike without asking, lied to get a day off, read a friend's diary in secret, broke a window and blamed a child.
+Question: Dev gets 5 coins, then 3 more. What number of coins does Dev hold?
+Answer: Dev holds 5 + 3 = 8 coins. The answer is 8.
+Scenario: Fay counts 4 7 1 pens. Question: Is the number Fay counted even or odd? Answer:odd
 the a an of to and in is it that for on with as was be by this are or from at
 question answer choice correct number word letter summary summarize text
 """
+_TOKENIZER_TEXT = "\n".join([_TOKENIZER_TEXT] * 3)  # weight: the demo's phrases before common English
 
 
 def cache_root() -> Path:
