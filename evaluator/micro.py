@@ -191,7 +191,7 @@ def _parity(rng: random.Random, part: Optional[str]) -> dict:
     digits = [rng.randrange(10) for _ in range(3)]
     number = " ".join(map(str, digits))
     # Named twice, within every 13 words: the two splits share no 13-gram.
-    return {"prompt": f"Scenario: {name} counts {number} {thing}.\nQuestion: Is the number {name} counted even or "
+    return {"prompt": f"Scenario: {name} counts {number} {thing}.\nQuestion: Is {name}'s count {number} even or "
                       "odd?\nAnswer:", "label": digits[-1] % 2}
 
 

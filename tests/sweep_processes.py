@@ -11,15 +11,19 @@ import time
 from pathlib import Path
 
 # Short trials on one thread each (on a busy 2-core machine two threads per trial wait on each other
-# most of the time), one slot (the demo runs two) unless a test asks for more, rungs at 25% and 50%, a
-# light suite (the digit task on 40 documents): what these tests check is how a start ends, not what it
-# scores.
+# most of the time), one slot (the demo runs two) unless a test asks for more, rungs at 25% and 50%, and
+# (LIGHT) the digit task alone: what these tests check is how a start ends, not what it scores.
 ONE_THREAD = ["--set", "orchestration.cpus_per_trial=1", "--set", "orchestration.concurrency=1"]
 FAST = ["--gpu", "cpu", "--set", "trainer.max_steps=24", "--set", "study.rung_eval_docs=8",
         "--set", "study.rungs=[0.25, 0.5]", *ONE_THREAD]
-LIGHT = [
+LIGHT = [  # the digit task alone, trained and scored on 40 documents, with the four training settings searched
+    "--set", "data.sources=[{name: digits, kind: synthetic, num_train: 2400, num_eval: 40}]",
     "--set", "evaluator.suites={open: {tasks: [{name: demo_digits, source: digits, metric: acc, chance: 0.5}]}}",
-    "--set", "evaluator.pick_by=null", "--set", "data.sources.0.num_eval=40",
+    "--set", "evaluator.pick_by=null",
+    "--set", "search_space={trainer.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}, "
+             "trainer.lora.r: {type: categorical, choices: [4, 8, 16]}, "
+             "trainer.lora.alpha: {type: categorical, choices: [8, 16, 32]}, "
+             "trainer.lora.dropout: {type: float, low: 0.0, high: 0.2}}",
 ]
 
 

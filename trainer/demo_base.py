@@ -27,6 +27,7 @@ DEMO_MODEL_ID = "sweep-demo/tiny-llama"
 _BUILD_VERSION = 2
 _SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 _VOCAB_SIZE = 1024
+"""At most: merges stop once every word of `_TOKENIZER_TEXT` is one token (about 900 tokens in all)."""
 
 # Shapes of the demo model. Dimensions are multiples of 64, the NF4 block size.
 DEMO_MODEL_SHAPE = dict(
@@ -70,11 +71,10 @@ helped a neighbour carry groceries, kept a promise to a friend, shared lunch wit
 took a bike without asking, lied to get a day off, read a friend's diary in secret, broke a window and blamed a child.
 Question: Dev gets 5 coins, then 3 more. What number of coins does Dev hold?
 Answer: Dev holds 5 + 3 = 8 coins. The answer is 8.
-Scenario: Fay counts 4 7 1 pens. Question: Is the number Fay counted even or odd? Answer:odd
+Scenario: Fay counts 4 7 1 pens. Question: Is Fay's count 4 7 1 even or odd? Answer:odd
 the a an of to and in is it that for on with as was be by this are or from at
 question answer choice correct number word letter summary summarize text
 """
-_TOKENIZER_TEXT = "\n".join([_TOKENIZER_TEXT] * 3)  # weight: the demo's phrases before common English
 
 
 def cache_root() -> Path:
