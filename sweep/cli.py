@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--storage", default=DEFAULT_STORAGE)
     status.add_argument("--format", choices=["table", "json"], default="table")
 
-    export = sub.add_parser("export", help="copy a trial's adapter, hyperparameters and scores to a directory")
+    export = sub.add_parser("export", help="write a trial's submission: adapter, tokenizer, model card, scores "
+                                           "and, with --merge, a merged 16-bit model")
     export.add_argument("--study", help="study name (default: the only study in the storage)")
     export.add_argument("--storage", default=DEFAULT_STORAGE)
     which = export.add_mutually_exclusive_group(required=True)
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="destination directory (new or empty, unless --force)")
     export.add_argument("--force", action="store_true",
                         help="replace the contents of a non-empty --out directory")
+    export.add_argument("--merge", nargs="?", const="dequantized", choices=["dequantized", "original"],
+                        help="also write OUT/merged/: the adapter merged into a bf16 copy of the base, either the "
+                             "dequantized 4-bit weights it was scored on (the default) or the original weights")
 
     contamination = sub.add_parser(
         "contamination", help="13-gram overlap between each training source and each evaluation task"
@@ -106,6 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
     }
     debug = args.debug or os.environ.get("SWEEP_DEBUG", "").lower() not in ("", "0", "false", "no")
+    args.debug = debug
     try:
         with _storage_errors(getattr(args, "storage", None)):
             return commands[args.command](args)
@@ -266,8 +271,10 @@ def cmd_export(args) -> int:
 
     status = _load_status(args)
     try:
+        # Library output (weight-loading bars, kernel notices) stays off the terminal unless --debug.
         out = export_trial(status, "pick" if args.pick else "best" if args.best else args.trial, args.out,
-                           force=args.force)
+                           force=args.force, merge=args.merge, quiet=not args.debug,
+                           announce=lambda line: print(line, flush=True))
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -277,7 +284,8 @@ def cmd_export(args) -> int:
             raise CliError(f"no space left on device while writing {args.out}; nothing was exported") from None
         raise CliError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}); nothing was "
                        f"exported: pass an --out in a writable place") from None
-    print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}")
+    merged = f"; merged into the {args.merge} base: {out / 'merged'}" if args.merge else ""
+    print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}{merged}")
     return 0
 
 

@@ -71,6 +71,11 @@ class StudyConfig:
     direction: Literal["maximize", "minimize"] = doc("Whether a higher objective is better.", default="maximize")
     n_trials: int = doc("Trials to run per `sweep start` (overridden by --trials).", default=10)
     seed: int = doc("Seeds the sampler and, with the trial number, each trial's training.", default=0)
+    trial_seed: Optional[int] = doc(
+        "Seeds every trial's training with this value instead (the `config.yaml` of an export sets it, to train "
+        "the exported trial again); null: derived from `seed` and the trial number.",
+        default=None,
+    )
     sampler: Literal["tpe", "random"] = doc("Optuna sampler.", default="tpe")
     full_run_hours_limit: float = doc(
         "A trial whose full run (the whole mix, all epochs) is projected to take longer on the target GPU "

@@ -1,4 +1,4 @@
-"""Status of a study as plain data, and export of a trial's adapter."""
+"""Status of a study as plain data, and export of a trial's submission."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sweep.store import MEASUREMENTS, Store
 from sweep.study import best_trial
@@ -135,8 +135,12 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
-def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, force: bool = False) -> Path:
-    """Writes a trial's adapter, hyperparameters.yaml and scores.json to `out_dir`, all or nothing.
+def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, force: bool = False,
+                 merge: Optional[str] = None, device: Optional[str] = None, quiet: bool = False,
+                 announce: Optional[Callable[[str], None]] = None) -> Path:
+    """Writes a trial's submission to `out_dir`, all or nothing: the adapter, the base's tokenizer,
+    hyperparameters.yaml, config.yaml (the trial's config to train it again), scores.json, a README.md model
+    card and, with `merge`, `merged/`: the adapter merged into a 16-bit copy of the base (`sweep.submission`).
 
     The files are written to a new directory beside `out_dir` and moved into place once all are
     there, so `out_dir` never holds a mix of two exports, nor a part of one. Every file gets the
@@ -147,11 +151,21 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
         which: a trial number, `best` (the best on the objective) or `pick` (the submission).
         out_dir: destination: a new or empty directory, or with `force` one whose contents are replaced.
         force: replace the contents of a non-empty `out_dir`.
+        merge: None, `dequantized` (into the bf16 dequantization of the 4-bit weights the adapter was scored
+            on) or `original` (into the base's own 16-bit weights).
+        device: where the merge runs; default: a GPU when there is one.
+        quiet: send the libraries' output (loading bars, notices) to /dev/null while the files are made.
+        announce: told, once everything is checked, what takes time (the merge).
 
     Raises:
-        ValueError: the trial has nothing to export, or `out_dir` is not empty (without `force`), not a
-            directory, under a file, or in a place this process may not write.
+        ValueError: the trial has nothing to export (or no readable hyperparameters.yaml), or `out_dir` is not
+            empty (without `force`), not a directory, under a file, or in a place this process may not write.
     """
+    import yaml
+
+    from sweep.submission import MERGE_BASES, model_config_of
+    from sweep.worker import output_to
+
     out = Path(out_dir)
     _check_out(out, force)
     trial_number = _trial_to_export(status, which)
@@ -173,17 +187,48 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
         "params": trial["params"],
         "baseline": status["baseline"],
     }
+    if merge is not None and merge not in MERGE_BASES:
+        raise ValueError(f"--merge: expected one of {', '.join(MERGE_BASES)}, got {merge!r}")
+    try:
+        hyperparameters = yaml.safe_load((src / "hyperparameters.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"trial {trial_number}: {src / 'hyperparameters.yaml'} is not YAML ({e})") from None
+    if not isinstance(hyperparameters, dict) or not isinstance(hyperparameters.get("model"), dict):
+        raise ValueError(f"trial {trial_number}: {src / 'hyperparameters.yaml'} does not name the trial's model")
+    model_config = model_config_of(hyperparameters)
+    if merge is not None and announce is not None:
+        announce(f"Merging trial {trial_number}'s adapter into the {merge} base (it loads the base twice: "
+                 "minutes for a 7B model)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        for name in ADAPTER_FILES:
-            shutil.copyfile(src / name, staging / name)  # contents only: modes come from the umask
-        (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        with output_to(os.devnull if quiet else None):
+            _write_submission(staging, src, status, trial, scores, hyperparameters, model_config, merge, device)
         _ordinary_modes(staging)
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _write_submission(staging: Path, src: Path, status: dict, trial: dict, scores: dict, hyperparameters: dict,
+                      model_config, merge: Optional[str], device: Optional[str]) -> None:
+    import yaml
+
+    from sweep.submission import merged_model, model_card, reproduce_config
+    from trainer.model import load_tokenizer
+
+    for name in ADAPTER_FILES:
+        shutil.copyfile(src / name, staging / name)  # contents only: modes come from the umask
+    (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    tokenizer = load_tokenizer(model_config)
+    tokenizer.save_pretrained(staging)
+    (staging / "config.yaml").write_text(yaml.safe_dump(reproduce_config(hyperparameters), sort_keys=False))
+    (staging / "README.md").write_text(model_card(status, trial, hyperparameters, merge))
+    if merge is not None:
+        merged = merged_model(src, model_config, merge, device)
+        merged.save_pretrained(staging / "merged")
+        tokenizer.save_pretrained(staging / "merged")
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -755,7 +755,9 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
     config, study_name = run.config, run.study.study_name
     trial_dir = run.work_dir / "trials" / f"{number:04d}"
     trial_config = with_params(config, params)
-    seed = derived_seed(config.study.seed, number)
+    seed = config.study.trial_seed
+    if seed is None:
+        seed = derived_seed(config.study.seed, number)
     return TrialSpec(
         study_name=study_name,
         trial_number=number,

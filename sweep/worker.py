@@ -164,7 +164,7 @@ class TrialSlot:
         self._device = "cpu"
 
     def run(self, spec: TrialSpec, reporter: Optional[Reporter] = None) -> TrialResult:
-        with _output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "trial"):
+        with output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "trial"):
             try:
                 return self._run(spec, reporter)
             finally:
@@ -174,7 +174,7 @@ class TrialSlot:
 
     def baseline(self, spec: "BaselineSpec") -> "BaselineResult":
         """Scores the untuned base (the resident one when there is one)."""
-        with _output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "baseline"):
+        with output_to(spec.log_file), MemoryWatchdog(spec.host_memory_limit_gib, spec.log_file, "baseline"):
             _setup_process(spec.num_threads)
             _setup_gpu(spec.device, spec.memory_cap_gib)
             from trainer.model import restore_training_layout, use_attention
@@ -239,6 +239,7 @@ class TrialSlot:
         timeline = {"slot": self.slot, "started": time.time()}
         _setup_process(spec.num_threads)
         card = _setup_gpu(spec.device, spec.memory_cap_gib)
+        timeline["device"] = _device_name(spec.device)
         from transformers import set_seed
 
         from trainer.data import prepare_data
@@ -493,6 +494,16 @@ def _memory_gib(device: str) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _device_name(device: str) -> str:
+    """What the trial ran on, for its record and model card: the GPU's name, or the CPU's cores."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    threads = torch.get_num_threads()
+    return f"cpu ({os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''})"
+
+
 def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
     """Enforces the profile's memory cap on a bigger card; returns the profile of the card (None on CPU)."""
     if device == "cpu":
@@ -553,7 +564,7 @@ def failure_reason(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _output_to(log_file: Optional[str]):
+def output_to(log_file: Optional[str]):
     """Sends this process's stdout and stderr (file descriptors included) to `log_file`.
 
     Library output (progress bars, warnings, subprocesses) lands in the

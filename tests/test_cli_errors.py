@@ -50,6 +50,8 @@ def make_study_db(directory: Path, adapter_dir: Path | None = None) -> Path:
     (directory / "adapter").mkdir()
     for name in ADAPTER_FILES:
         (directory / "adapter" / name).write_text(f"{name}\n")
+    # What the export reads of the trial: its base (for the tokenizer and the card).
+    (directory / "adapter" / "hyperparameters.yaml").write_text("model: {name_or_path: sweep-demo/tiny-llama}\n")
     path = directory / "studies.db"
     url = f"sqlite:///{path}"
     store, storage = Store(url), make_storage(url)
@@ -378,7 +380,8 @@ def test_export_refuses_an_out_it_cannot_use(tmp_path, capsys, monkeypatch):
     rc, out, err = run_main(capsys, "export", "--storage", storage, "--best", "--out", "new/deeper/out")
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "new" / "deeper" / "out").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml", "scores.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "hyperparameters.yaml",
+        "scores.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 # --- dashboard --port and --host ---------------------------------------------------------------------------

@@ -24,6 +24,9 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
+EXPORTED = ["README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "hyperparameters.yaml",
+            "scores.json", "tokenizer.json", "tokenizer_config.json"]
+"""What an export without --merge writes: the adapter, the tokenizer, the card, the configs and the scores."""
 ALL_TASKS = {"demo_digits", "micro_mc", "micro_gen", "micro_sum", "micro_math", "micro_parity"}
 
 
@@ -82,7 +85,7 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     # Export the best trial and load it with peft from what the export records.
     out = workdir / "export"
     cli("export", "--storage", storage, "--study", "e2e", "--best", "--out", str(out))
-    for name in ("adapter_config.json", "adapter_model.safetensors", "hyperparameters.yaml", "scores.json"):
+    for name in EXPORTED:
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name  # one ordinary mode for all
     scores = json.loads((out / "scores.json").read_text())
     assert scores["trial"] == best["number"] and scores["value"] == best["value"]
@@ -106,6 +109,37 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
 
     auto = AutoPeftModelForCausalLM.from_pretrained(str(out))
     assert type(auto.get_base_model()).__name__ == "LlamaForCausalLM"
+
+    # The submission with a merged model: it loads and generates without peft; the card names every score and
+    # the mix; the adapter beside it still loads on its base; config.yaml trains the trial again.
+    submission = workdir / "submission"
+    cli("export", "--storage", storage, "--study", "e2e", "--pick", "--merge", "--out", str(submission))
+    pick = next(t for t in trials if t["number"] == first["pick"]["number"])
+    from transformers import AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(str(submission / "merged"))
+    assert not (submission / "merged" / "adapter_config.json").exists()
+    merged_config = json.loads((submission / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config and merged_config["dtype"] == "bfloat16"
+    tok = AutoTokenizer.from_pretrained(str(submission / "merged"))
+    prompt = tok("### Instruction:\nIs 4 7 1 even or odd?\n\n### Response:\n", return_tensors="pt")
+    generated = merged.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert (submission / "tokenizer.json").exists()
+    card = (submission / "README.md").read_text()
+    assert card.startswith("---\nbase_model: sweep-demo/tiny-llama\nlibrary_name: peft\n")
+    for task, score in pick["scores"].items():
+        assert f"| {task} | {score:.4g} | {first['baseline']['scores'][task]:.4g} |" in card
+    for source in ("digits", "letters", "sums", "news"):
+        assert f"| {source} | synthetic: " in card
+    assert "bf16 dequantization of the 4-bit weights" in card and f"trial {pick['number']}" in card
+    assert type(AutoPeftModelForCausalLM.from_pretrained(str(submission)).get_base_model()).__name__ == \
+        "LlamaForCausalLM"
+    trained = yaml.safe_load((submission / "hyperparameters.yaml").read_text())
+    again = yaml.safe_load((submission / "config.yaml").read_text())
+    assert again["search_space"] == {} and again["study"]["trial_seed"] == trained["trial"]["seed"]
+    assert again["trainer"]["learning_rate"] == pick["params"]["trainer.learning_rate"] and "trial" not in again
+    cli("validate", str(submission / "config.yaml"), "--file-only")
 
     # Two more trials on the same study, each failing at run time: both end FAIL
     # with a reason (the second ran after the first failed); earlier trials stay.
@@ -140,8 +174,7 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--force" in refused.stderr
     assert {p.name: p.read_bytes() for p in picked.iterdir()} == before
     cli("export", "--storage", storage, "--study", "e2e", "--trial", str(other), "--out", str(picked), "--force")
-    assert sorted(p.name for p in picked.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                        "hyperparameters.yaml", "scores.json"]
+    assert sorted(p.name for p in picked.iterdir()) == EXPORTED
     assert json.loads((picked / "scores.json").read_text())["trial"] == other
     assert not [p for p in workdir.iterdir() if p.name.startswith(".picked")]  # no staging left behind
 
