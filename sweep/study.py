@@ -42,8 +42,12 @@ def make_storage(url: str, heartbeat_seconds: int | None = None, max_retries: in
 
 
 def derived_seed(study_seed: int, index: int) -> int:
-    """A seed for the `index`-th thing of a study (a sampler start, a trial's training)."""
-    return study_seed * 1_000_003 + index
+    """A seed for the `index`-th thing of a study (a sampler start, a trial's training).
+
+    Within [0, 2**32), the range NumPy's and Optuna's samplers accept: any `study.seed` works (below 4295 the
+    value is `study_seed * 1_000_003 + index`, as before).
+    """
+    return (study_seed * 1_000_003 + index) % 2**32
 
 
 def make_sampler(config: SweepConfig, n_existing: int):

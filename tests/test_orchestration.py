@@ -222,3 +222,16 @@ def test_a_slot_whose_actor_died_is_replaced(ray_session, caplog):
         assert any(m.startswith("Replacing slot 0: its actor is gone") for m in _sweep_logs(caplog))
     finally:
         pool.kill_all()
+
+
+@pytest.mark.parametrize("seed", [0, 4294, 12345, 2**40, -1])
+def test_any_study_seed_seeds_the_sampler_and_the_trials(seed):
+    """Seeds derived from study.seed stay in the range NumPy's generators take (a seed of 12345 used to stop a
+    start with "Seed must be between 0 and 2**32 - 1")."""
+    from sweep.config import load_config
+    from sweep.study import derived_seed, make_sampler
+
+    make_sampler(load_config(None, [f"study.seed={seed}"]), 3)  # TPE seeds its NumPy generator here
+    assert all(0 <= derived_seed(seed, i) < 2**32 for i in range(5))
+    if 0 <= seed <= 4294:
+        assert derived_seed(seed, 2) == seed * 1_000_003 + 2  # the seeds earlier studies were trained with

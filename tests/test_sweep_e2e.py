@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -140,6 +141,17 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
     assert again["search_space"] == {} and again["study"]["trial_seed"] == trained["trial"]["seed"]
     assert again["trainer"]["learning_rate"] == pick["params"]["trainer.learning_rate"] and "trial" not in again
     cli("validate", str(submission / "config.yaml"), "--file-only")
+    # Trained again from config.yaml: one trial with nothing searched, the exported trial's seed and settings.
+    again = f"sqlite:///{workdir / 'again.db'}"  # a storage of its own: later steps read the only study of theirs
+    # Another study seed: the trial's seed must come from study.trial_seed, not be derived again.
+    cli("start", "--config", str(submission / "config.yaml"), "--storage", again, "--study", "again",
+        "--gpu", "cpu", "--set", "study.seed=12345", *ONE_THREAD)
+    rerun = status(cli, again, "again")["trials"]
+    assert [t["state"] for t in rerun] == ["COMPLETE"] and rerun[0]["params"] == {}
+    retrained = yaml.safe_load((Path(rerun[0]["adapter_dir"]) / "hyperparameters.yaml").read_text())
+    assert retrained["trial"]["seed"] == trained["trial"]["seed"]
+    assert {k: retrained[k] for k in ("model", "data", "trainer")} == {k: trained[k] for k in ("model", "data",
+                                                                                               "trainer")}
 
     # Two more trials on the same study, each failing at run time: both end FAIL
     # with a reason (the second ran after the first failed); earlier trials stay.
