@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class EvalResult:
     scores: dict[str, float]
     eval_seconds: float
     dense: bool = False  # scored with the dense copy of the base (`evaluator.fast.dense_base`)
+    stderrs: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Each task's standard error, from its per-document values (`standard_error`); absent where unknown."""
+    num_docs: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Documents each task was scored on."""
 
 
 def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) -> Path:
@@ -115,14 +120,32 @@ def evaluate(
         with grouped_attention(core_model(model)), dense_base(model) if dense else contextlib.nullcontext(), \
                 fused_elementwise(model) if fuse else contextlib.nullcontext():
             lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
-            scores = _score(lm, tasks, task_manager(tasks, task_dir), generation)
+            scores, per_doc = _score(lm, tasks, task_manager(tasks, task_dir), generation)
             del lm  # its decoder's KV cache and CUDA graph go before the dense copy does
     finally:
         for c, value in zip(configs, saved_cache, strict=True):
             c.use_cache = value
         if was_training:
             model.train()
-    return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense)
+    stderrs = {name: se for name, values in per_doc.items() if (se := standard_error(values)) is not None}
+    return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense, stderrs=stderrs,
+                      num_docs={name: len(values) for name, values in per_doc.items() if values})
+
+
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of a mean over per-document values; None under two documents.
+
+    Scoring runs without lm-eval's bootstrap (`bootstrap_iters=0`), so the errors come from the
+    documents: binomial, sqrt(p (1 - p) / n), where every value is 0 or 1 (accuracies, exact
+    match), else the sample standard deviation over sqrt(n) (ROUGE, say).
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    if all(v in (0, 1) for v in values):
+        return math.sqrt(mean * (1 - mean) / n)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @contextlib.contextmanager
@@ -146,12 +169,14 @@ def _lean_lm_eval():
         lm_utils.apply_template = saved
 
 
-def _score(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
+def _score(lm, tasks: list[TaskConfig], manager,
+           generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
     with _lean_lm_eval():
         return _score_tasks(lm, tasks, manager, generation)
 
 
-def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationConfig | None) -> dict[str, float]:
+def _score_tasks(lm, tasks: list[TaskConfig], manager,
+                 generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Scores every task in one lm-eval `evaluate` call, each with its own few-shot count, limit and generation
     settings.
 
@@ -162,6 +187,9 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationCon
     `simple_evaluate` does (its seeds, its few-shot rules), each with its own
     settings, and `evaluate` runs them together: all log-likelihood requests
     in one pass, generation batched by settings (`SweepLM.generate_until`).
+
+    Returns each task's score and its per-document values of the task's metric (pooled over the
+    subtasks of a group).
     """
     import random
 
@@ -175,11 +203,11 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationCon
         key = (key, tuple((t.name, t.num_fewshot, t.limit, json.dumps(g, sort_keys=True))
                           for t, g in zip(tasks, settings, strict=True)),
                _files_state([t.data_file for t in tasks if t.data_file]))
-    merged = _PREPARED.get(key) if key is not None else None
-    if merged is None:
-        merged = _load_tasks(manager, tasks, settings)
+    prepared = _PREPARED.get(key) if key is not None else None
+    if prepared is None:
+        prepared = _load_tasks(manager, tasks, settings)
         if key is not None:
-            _PREPARED[key] = merged
+            _PREPARED[key] = prepared
             while len(_PREPARED) > 4:
                 _PREPARED.popitem(last=False)
     else:
@@ -188,8 +216,54 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager, generation: GenerationCon
     random.seed(0)
     np.random.seed(1234)
     torch.manual_seed(1234)
+    merged, members = prepared
+    for task in (task for group in members.values() for task in group):
+        _DOC_METRICS[task] = []
     results = lm_evaluate(lm=lm, task_dict=merged, bootstrap_iters=0, log_samples=False)
-    return {t.name: _metric(results["results"], t) for t in tasks}
+    scores = {t.name: _metric(results["results"], t) for t in tasks}
+    return scores, {t.name: _doc_values(members[t.name], t.metric) for t in tasks}
+
+
+_DOC_METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""What each set-up task's `process_results` returned in the current `evaluate` call, in call order."""
+
+
+def _keep_doc_metrics(task) -> None:
+    """Keeps what `process_results` returns for each document (lm-eval keeps it only inside `evaluate`)."""
+    import functools
+
+    process = task.process_results
+
+    @functools.wraps(process)
+    def process_results(doc, results):
+        metrics = process(doc, results)
+        _DOC_METRICS.setdefault(task, []).append(metrics)
+        return metrics
+
+    task.process_results = process_results
+
+
+def _doc_values(tasks: list, metric: str) -> list[float]:
+    """The per-document values of `metric` ("acc", or "exact_match,flexible-extract") over `tasks`.
+
+    lm-eval calls `process_results` once per document for each filter, filter after filter in the
+    order of the instances' `filtered_resps`; a call count that does not split that way gives nothing.
+    """
+    name, _, filter_key = metric.partition(",")
+    filter_key = filter_key or "none"
+    values: list[float] = []
+    for task in tasks:
+        calls = _DOC_METRICS.get(task) or []
+        filters = list(task.instances[0].filtered_resps) if task.instances else []
+        if filter_key not in filters or len(calls) % len(filters):
+            return []
+        per_filter = len(calls) // len(filters)
+        block = calls[filters.index(filter_key) * per_filter:(filters.index(filter_key) + 1) * per_filter]
+        for metrics in block:
+            value = metrics.get(name)
+            if isinstance(value, bool | int | float):
+                values.append(float(value))
+    return values
 
 
 _PREPARED: collections.OrderedDict = collections.OrderedDict()
@@ -203,7 +277,7 @@ def _task_gen_kwargs(task: TaskConfig, generation: GenerationConfig | None) -> d
     return _gen_kwargs(settings) if generation or task.max_new_tokens else None
 
 
-def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -> dict:
+def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -> tuple[dict, dict[str, list]]:
     """lm-eval's task dict of `tasks`, each set up (`_set_up`), its requests kept after they are first built.
 
     Loading a task and building its requests (templates over every document,
@@ -211,6 +285,7 @@ def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -
     default suites; a worker scores the same requests trial after trial.
     """
     merged: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    members: dict[str, list] = {}
     for t, gen_kwargs in zip(tasks, settings, strict=True):
         loaded = manager.load([t.name])
         for name, task in loaded["tasks"].items():
@@ -218,9 +293,11 @@ def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -
                 raise ValueError(f"lm-eval task {name!r} is scored twice (by {t.name!r} and an earlier task)")
             _set_up(task, t.num_fewshot, t.limit, gen_kwargs)
             _keep_requests(task)
+            _keep_doc_metrics(task)
+        members[t.name] = list(loaded["tasks"].values())
         for key in merged:
             merged[key].update(loaded.get(key) or {})
-    return merged
+    return merged, members
 
 
 def _keep_requests(task) -> None:

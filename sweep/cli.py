@@ -83,10 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     contamination.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     contamination.add_argument("--format", choices=["table", "json"], default="table")
 
-    dashboard = sub.add_parser("dashboard", help="serve the Optuna dashboard for the study database")
+    dashboard = sub.add_parser("dashboard", help="serve the Optuna dashboard for the study database (read-only)")
     dashboard.add_argument("--storage", default=DEFAULT_STORAGE)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on, 0-65535 (0: a free one)")
+    dashboard.add_argument("--artifacts", metavar="DIR",
+                           help="the trials' artifact store (default: the one each study recorded)")
+    dashboard.add_argument("--allow-writes", action="store_true",
+                           help="let the dashboard change the database: notes, study deletion (default: read-only)")
+
+    report = sub.add_parser("report", help="write a static HTML report of a study, with plots (opens offline)")
+    report.add_argument("--study", help="study name (default: the only study in the storage)")
+    report.add_argument("--storage", default=DEFAULT_STORAGE)
+    report.add_argument("--out", default="sweep-report",
+                        help="directory for index.html and its images (default: sweep-report)")
 
     validate = sub.add_parser(
         "validate", help="check a config file, and the model, tasks and data it names, without running anything"
@@ -108,6 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     commands = {
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
+        "report": cmd_report,
     }
     debug = args.debug or os.environ.get("SWEEP_DEBUG", "").lower() not in ("", "0", "false", "no")
     args.debug = debug
@@ -321,9 +332,16 @@ def cmd_dashboard(args) -> int:
         raise CliError(f"--host {args.host}: cannot resolve it to an IPv4 address ({getattr(e, 'strerror', e)}); "
                        f"pass an address of this machine, e.g. 127.0.0.1") from None
     _check_storage(args.storage, write=False)
-    read_only = database_problem(args.storage, write=True) is not None  # e.g. on read-only media: show, don't edit
+    if args.artifacts is not None and not os.path.isdir(args.artifacts):
+        raise CliError(f"--artifacts {args.artifacts}: no such directory (pass an artifact store's directory, e.g. "
+                       f"sweep-runs/STUDY/artifact-store, or leave --artifacts out for the studies' own)")
+    cannot_write = database_problem(args.storage, write=True)  # e.g. on read-only media: show, don't edit
+    if args.allow_writes and cannot_write is not None:
+        raise CliError(f"--allow-writes: {cannot_write}")
+    read_only = cannot_write is not None
     try:
-        server = build_server(args.storage, args.host, args.port, read_only=read_only)
+        server = build_server(args.storage, args.host, args.port, read_only=read_only,
+                              allow_writes=args.allow_writes, artifacts=args.artifacts)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise CliError(f"--port {args.port}: {args.host}:{args.port} is in use ({e.strerror}); pass another "
@@ -333,13 +351,32 @@ def cmd_dashboard(args) -> int:
                            f"e.g. 127.0.0.1") from None
         raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host "
                        f"or --port") from None
-    note = " (read-only)" if read_only else ""
+    if read_only:
+        note = " (read-only: this process may not write the database)"
+    else:
+        note = "" if args.allow_writes else " (read-only; --allow-writes lets it edit notes and delete studies)"
     print(f"Optuna dashboard for {args.storage}{note} at http://{args.host}:{server.server_port}/ "
           f"(Ctrl-C stops it)")
     try:
         server.serve_forever()
     finally:
         server.server_close()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from sweep.report import write_report
+
+    study, status = _load_study(args)
+    out = Path(args.out)
+    try:
+        index = write_report(status, study, out)
+    except OSError as e:
+        raise CliError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}); pass an "
+                       f"--out in a writable place") from None
+    print(f"Report of study {study.study_name} ({len(status['trials'])} trial(s)): {index}")
     return 0
 
 
@@ -371,6 +408,11 @@ def cmd_validate(args) -> int:
 
 
 def _load_status(args) -> dict:
+    return _load_study(args)[1]
+
+
+def _load_study(args):
+    """The study `--study` names in `--storage` (read-only), and its status (`sweep.export.study_status`)."""
     from sweep.export import study_status
     from sweep.store import Store
     from sweep.study import StudyError, load_existing_study, make_storage
@@ -381,7 +423,7 @@ def _load_status(args) -> dict:
         study = load_existing_study(make_storage(args.storage, read_only=True), args.study)
     except StudyError as e:
         raise CliError(str(e)) from None
-    return study_status(study, Store(args.storage, create=False, read_only=True))
+    return study, study_status(study, Store(args.storage, create=False, read_only=True))
 
 
 def format_table(status: dict) -> str:

@@ -69,12 +69,15 @@ def study_status(study, store: Store) -> dict[str, Any]:
         },
         "baseline": None if baseline is None else {
             "model": baseline["model"], "scores": baseline["scores"], "value": baseline["value"],
-            "values": baseline.get("values"),
+            "values": baseline.get("values"), "stderrs": baseline.get("stderrs"),
+            "num_docs": baseline.get("num_docs"), "eval_seconds": baseline.get("eval_seconds"),
         },
+        "budget_hours": attrs.get("budget_hours"),
+        "hours_unit": attrs.get("hours_unit", "GPU-hours"),
     }
 
 
-def _candidates(trials: list[dict], *suites: Optional[str]) -> list[dict]:
+def candidates(trials: list[dict], *suites: Optional[str]) -> list[dict]:
     """COMPLETE, feasible trials that have a value for every named suite."""
     return [
         t for t in trials
@@ -92,14 +95,14 @@ def pick_submission(
     `optimize` value, then the earlier trial.
     """
     sign = 1.0 if maximize else -1.0
-    candidates = _candidates(trials, optimize, pick_by)
-    if not candidates:
+    eligible = candidates(trials, optimize, pick_by)
+    if not eligible:
         return None
 
     def on(suite):
         return lambda t: sign * (t["values"][suite] if suite else t["value"])
 
-    top = sorted(candidates, key=lambda t: (-on(optimize)(t), t["number"]))[: max(1, top_k)]
+    top = sorted(eligible, key=lambda t: (-on(optimize)(t), t["number"]))[: max(1, top_k)]
     if pick_by is None:
         return top[0]
     return min(top, key=lambda t: (-on(pick_by)(t), -on(optimize)(t), t["number"]))
@@ -109,7 +112,7 @@ def rank_correlation(trials: list[dict], first: Optional[str], second: Optional[
     """Spearman's rank correlation between two suites' values across COMPLETE trials (None under 3 trials)."""
     if not first or not second or first == second:
         return None
-    pairs = [(t["values"][first], t["values"][second]) for t in _candidates(trials, first, second)]
+    pairs = [(t["values"][first], t["values"][second]) for t in candidates(trials, first, second)]
     if len(pairs) < 3:
         return None
     a, b = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])

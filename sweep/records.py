@@ -57,21 +57,52 @@ def _tell(study, trial, record: TrialRecord) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*constraint.* is already set")
+            # Attributes and constraints go before tell: a finished trial can't be updated.
+            for name, value in trial_attributes(record).items():
+                trial.set_user_attr(name, value)
             if record.state == "COMPLETE":
-                # Attributes and constraints go before tell: a finished trial can't be updated.
-                trial.set_user_attr("adapter_dir", record.adapter_dir)
-                trial.set_user_attr("scores", record.scores)
-                trial.set_user_attr("values", record.values)
                 for name, amount in (record.constraints or {}).items():
                     trial.set_constraint(name, amount)  # > 0: infeasible; the sampler learns to avoid the region
                 study.tell(trial, record.value)
             elif record.state == "PRUNED":
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # its value: the last intermediate one
             else:
-                trial.set_user_attr("fail_reason", record.fail_reason)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("Trial %d had already ended in Optuna's tables: left as it is", trial.number)
+
+
+# A trial's measurements as the dashboard shows them (columns, plot axes), rounded for reading; our records keep
+# the exact values.
+_FACT_DIGITS = {
+    "tokens_per_second": 1, "peak_memory_gib": 3, "projected_full_run_hours": 4, "train_seconds": 1,
+    "eval_seconds": 1,
+}
+
+
+def trial_attributes(record: TrialRecord) -> dict[str, Any]:
+    """The user attributes a trial ends with: one scalar each, so the dashboard can tabulate and plot them.
+
+    `<suite>_value` for each suite (`open_value`, `heldout_value`), `score.<task>` for each task, the
+    measurements (`tokens_per_second`, `peak_memory_gib`, `projected_full_run_hours`, `feasible`,
+    `train_seconds`, `eval_seconds`), and `adapter_dir` (COMPLETE) or `fail_reason` (FAIL).
+    """
+    attrs: dict[str, Any] = {}
+    for suite, value in (record.values or {}).items():
+        attrs[f"{suite}_value"] = value
+    for name, digits in _FACT_DIGITS.items():
+        value = getattr(record, name)
+        if value is not None and (name != "eval_seconds" or record.state == "COMPLETE"):  # a pruned one scored none
+            attrs[name] = round(float(value), digits)
+    if record.feasible is not None:
+        attrs["feasible"] = bool(record.feasible)
+    for task, value in sorted(record.scores.items()):
+        attrs[f"score.{task}"] = value
+    if record.state == "COMPLETE":
+        attrs["adapter_dir"] = record.adapter_dir
+    if record.state == "FAIL":
+        attrs["fail_reason"] = record.fail_reason
+    return attrs
 
 
 def recover_trials(study, store: Store, lease: DriverLease, heartbeat_seconds: int, max_retries: int) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from evaluator.harness import write_choice_task
 from evaluator.micro import write_micro_task
 from evaluator.score import suite_values
+from sweep.artifacts import open_store, upload_trial_artifacts
 from sweep.config import SweepConfig, study_name_problem, to_dict, with_params
 from sweep.faults import (
     DiskFull,
@@ -38,6 +39,7 @@ from sweep.faults import (
 )
 from sweep.gpus import GpuError, GpuProfile
 from sweep.lease import DriverLease, Heartbeat, LeaseLost
+from sweep.note import update_study_note
 from sweep.preflight import PreflightError, check_config, check_study
 from sweep.progress import Display, Progress, RunningTrial
 from sweep.records import end_trial, finished_count, recover_trials
@@ -84,6 +86,8 @@ class _Run:
     """Optuna ids of the trials in flight, whose heartbeats the heartbeat thread records."""
     exclude_ngrams_file: Optional[str] = None
     """Evaluation n-grams that training examples must not share (data.drop_contaminated)."""
+    artifact_store: Any = None
+    """The study's Optuna artifact store (sweep.artifacts), where each trial's artifacts go as it ends."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
 def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, heartbeat: Heartbeat,
                        storage_url: str, study_name: str, n_trials: int, profile: GpuProfile,
                        address: Optional[str]) -> SweepOutcome:
+    import optuna
     import ray
 
     from sweep.slots import Mailbox, SlotPool
@@ -199,6 +204,11 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
     study.set_user_attr("optimize", evaluator.objective_suite)
     study.set_user_attr("pick_by", evaluator.pick_by)
     study.set_user_attr("top_k", evaluator.top_k)
+    study.set_user_attr("budget_hours", orchestration.budget_hours)  # this start's; `sweep report` plots it
+    study.set_user_attr("hours_unit", "GPU-hours" if profile.uses_gpu else "slot-hours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([evaluator.objective_suite])  # the dashboard names the objective after its suite
     recover_trials(study, store, lease, orchestration.heartbeat_seconds, orchestration.max_retries)
     n_trials = _trials_to_run(study, store, lease, n_trials)
     task_dir = str(prepare_tasks(config, work_dir))
@@ -218,6 +228,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         profile=profile,
         lease=lease,
         running_ids=running_ids,
+        artifact_store=open_store(work_dir, study),
     )
     log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
              "resident" if orchestration.resident_base else "reloaded per trial")
@@ -386,7 +397,8 @@ def _run_baseline(run: _Run) -> None:
     values = suite_values(result.scores, config.evaluator, baseline=result.scores)
     value = values[config.evaluator.objective_suite]
     run.store.record_baseline(
-        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds, values
+        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds, values,
+        stderrs=result.stderrs, num_docs=result.num_docs,
     )
     log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
 
@@ -477,6 +489,7 @@ class _Driver:
         with Display(self.progress) as self.display, warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for Study.optimize; this driver records them itself.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            self._update_note()
             try:
                 while True:
                     self._start_what_fits()
@@ -620,8 +633,33 @@ class _Driver:
         if run.lease.lost.is_set():
             raise LeaseLost(f"study {run.study.study_name!r}: this start's lease was taken over; trial "
                             f"{flight.trial.number} not recorded")
+        self._save_artifacts(flight, record)
         end_trial(run.study, run.store, flight.trial, record, metrics)
         run.running_ids.discard(flight.trial._trial_id)
+        self._update_note()
+
+    def _save_artifacts(self, flight: _Flight, record: TrialRecord) -> None:
+        """The trial's loss curve, eval report, config and log into the artifact store (before Optuna's tell: a
+        finished trial takes no artifacts). One that cannot be saved is a warning: the trial's end is recorded."""
+        run = self.run_
+        if run.artifact_store is None or flight.spec is None:
+            return
+        suites = {name: [t.name for t in tasks] for name, tasks in run.config.evaluator.suite_tasks().items()}
+        try:
+            upload_trial_artifacts(
+                run.artifact_store, flight.trial, record, Path(flight.spec.log_file).parent,
+                flight.spec.hyperparameters, flight.spec.log_file, suites, run.store.baseline(run.study.study_name),
+                rungs=tuple(sorted(flight.trial.storage.get_trial(flight.trial._trial_id).intermediate_values.items())),
+            )
+        except Exception as e:  # noqa: BLE001 - artifacts are for reading; the record is what must land
+            log.warning("Trial %d: its artifacts were not saved (%s)", record.trial_number, failure_reason(e))
+
+    def _update_note(self) -> None:
+        """The study's note on the dashboard (sweep.note), kept current as trials end."""
+        try:
+            update_study_note(self.run_.study, self.run_.store)
+        except Exception as e:  # noqa: BLE001 - the note is for reading
+            log.warning("The study's dashboard note was not updated (%s)", failure_reason(e))
 
     def _fail(self, flight: _Flight, reason: str, streak: bool = True) -> None:
         """Stores the trial FAIL; `streak`: a failure of the trial itself (not of the start stopping it)."""

@@ -82,6 +82,9 @@ trial_records = Table(
     Column("driver_id", Integer),
     Column("value", Float),
     Column("constraints", JSON),
+    Column("losses", JSON),
+    Column("stderrs", JSON),
+    Column("num_docs", JSON),
     UniqueConstraint("study_name", "trial_number"),
 )
 
@@ -107,6 +110,8 @@ baselines = Table(
     Column("values", JSON),
     Column("eval_seconds", Float),
     Column("created_at", DateTime, nullable=False),
+    Column("stderrs", JSON),
+    Column("num_docs", JSON),
 )
 
 
@@ -142,7 +147,7 @@ leases = Table(
 MEASUREMENTS = (
     "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second", "peak_memory_gib", "memory_cap_gib",
     "mfu", "train_tokens", "train_steps", "final_loss", "checkpointed_layers", "full_run_tokens",
-    "projected_full_run_hours", "data", "base_load_seconds", "timeline",
+    "projected_full_run_hours", "data", "base_load_seconds", "timeline", "losses", "stderrs", "num_docs",
 )
 
 
@@ -185,6 +190,12 @@ class TrialRecord:
     """The objective value told to Optuna (COMPLETE trials)."""
     constraints: Optional[dict] = None
     """Optuna constraints told with it (> 0: violated)."""
+    losses: Optional[list] = None
+    """[step, training loss] pairs (at most `sweep.worker.MAX_LOSS_POINTS`)."""
+    stderrs: Optional[dict] = None
+    """Each task's standard error, from its per-document values."""
+    num_docs: Optional[dict] = None
+    """Documents each task was scored on."""
 
     @property
     def finished(self) -> bool:
@@ -452,13 +463,22 @@ class Store:
         return True
 
     def record_baseline(self, study_name: str, model: str, value: float, scores: dict[str, float],
-                        eval_seconds: float | None, values: dict[str, float] | None = None) -> None:
+                        eval_seconds: float | None, values: dict[str, float] | None = None,
+                        stderrs: dict[str, float] | None = None, num_docs: dict[str, int] | None = None) -> None:
         with self.write() as conn:
             conn.execute(baselines.delete().where(baselines.c.study_name == study_name))
             conn.execute(baselines.insert().values(
                 study_name=study_name, model=model, value=float(value), scores=scores, values=values,
-                eval_seconds=eval_seconds, created_at=utc_now(),
+                eval_seconds=eval_seconds, created_at=utc_now(), stderrs=stderrs, num_docs=num_docs,
             ))
+
+    def delete_study(self, study_name: str) -> None:
+        """Removes every row of `study_name` from our tables (its study was deleted from Optuna's)."""
+        if not self._readable:  # a database of Optuna's alone: no rows of ours
+            return
+        with self.write() as conn:
+            for table in (trial_records, task_scores, baselines, drivers, leases):
+                conn.execute(table.delete().where(table.c.study_name == study_name))
 
     # --- reads ---
 
@@ -488,7 +508,7 @@ class Store:
         row = r._mapping
         scores = row["scores"] if isinstance(row["scores"], dict) else json.loads(row["scores"])
         return {"model": row["model"], "value": row["value"], "scores": scores, "values": row.get("values"),
-                "eval_seconds": row["eval_seconds"]}
+                "eval_seconds": row["eval_seconds"], "stderrs": row.get("stderrs"), "num_docs": row.get("num_docs")}
 
 
 def _add_missing_columns(conn: Connection) -> None:

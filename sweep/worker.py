@@ -109,6 +109,25 @@ class TrialResult:
     """Seconds this trial spent loading the 4-bit base; None: the slot's resident base was reused."""
     timeline: Optional[dict] = None
     """Unix times in the worker: `started`, `first_step` (end of the first optimizer step), `finished`; and `slot`."""
+    losses: tuple[tuple[int, float], ...] = ()
+    """(step, training loss), at most `MAX_LOSS_POINTS` of them spread over the run (the last step kept)."""
+    stderrs: Optional[dict] = None
+    """Each task's standard error, from its per-document values (`evaluator.harness.standard_error`)."""
+    num_docs: Optional[dict] = None
+    """Documents each task was scored on."""
+
+
+MAX_LOSS_POINTS = 1000
+
+
+def loss_curve(losses, max_points: int = MAX_LOSS_POINTS) -> tuple[tuple[int, float], ...]:
+    """`losses` thinned to at most `max_points` evenly spread steps, the last one always kept."""
+    losses = tuple((int(step), float(loss)) for step, loss in losses)
+    if len(losses) <= max_points:
+        return losses
+    every = -(-len(losses) // max_points)
+    kept = losses[::every]
+    return kept if kept[-1] == losses[-1] else (*kept[: max_points - 1], losses[-1])
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,8 @@ class BaselineResult:
     scores: dict[str, float]
     eval_seconds: float
     base_load_seconds: Optional[float] = None
+    stderrs: Optional[dict] = None
+    num_docs: Optional[dict] = None
 
 
 def run_trial(spec: TrialSpec, reporter: Optional[Reporter] = None) -> TrialResult:
@@ -190,7 +211,8 @@ class TrialSlot:
                 if not self.resident:
                     self._drop_base()
             return BaselineResult(scores=evaluated.scores, eval_seconds=evaluated.eval_seconds,
-                                  base_load_seconds=load_seconds)
+                                  base_load_seconds=load_seconds, stderrs=evaluated.stderrs,
+                                  num_docs=evaluated.num_docs)
 
     def memory_growth_gib(self) -> Optional[float]:
         """How much this process's memory (GPU: torch's allocation; CPU: resident set) grew since its first trial."""
@@ -311,6 +333,9 @@ class TrialSlot:
             intermediate=tuple(progress.intermediate),
             base_load_seconds=load_seconds,
             timeline=timeline,
+            losses=loss_curve(trained.losses),
+            stderrs=evaluated.stderrs if evaluated else None,
+            num_docs=evaluated.num_docs if evaluated else None,
         )
 
 

@@ -75,3 +75,22 @@ def cli(capsys):
         return out
 
     return run
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory, ray_session):
+    """A finished demo study, run once per session by `sweep start --trials 4` as a user would (in this process,
+    on the session's Ray): its directory (`studies.db`, `sweep-runs/`) and storage URL. Its trials include a
+    COMPLETE and a PRUNED one. Shared by the dashboard's and the report's browser tests; read it, don't write it."""
+    import types
+
+    from sweep.cli import main
+
+    directory = tmp_path_factory.mktemp("demo-study")
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        assert main(["start", "--trials", "4"]) == 0
+    finally:
+        os.chdir(cwd)
+    return types.SimpleNamespace(dir=directory, storage=f"sqlite:///{directory / 'studies.db'}", study="demo")

@@ -89,3 +89,13 @@ def kill_session(sid: int) -> None:
                     os.kill(int(entry), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def study_status_of(storage: str, study: str) -> dict:
+    """`sweep status --format json` of a study, read read-only in this process."""
+    from sweep.export import study_status
+    from sweep.store import Store
+    from sweep.study import load_existing_study, make_storage
+
+    loaded = load_existing_study(make_storage(storage, read_only=True), study)
+    return study_status(loaded, Store(storage, create=False, read_only=True))

@@ -329,7 +329,8 @@ def test_a_database_on_read_only_media_reads_and_exports_and_refuses_a_start(tmp
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             banner = server.stdout.readline()
-            assert "(read-only) at http://127.0.0.1:" in banner, banner + server.stderr.read()
+            assert "(read-only: this process may not write the database) at http://127.0.0.1:" in banner, \
+                banner + server.stderr.read()
             port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
                 assert [s["study_name"] for s in json.loads(response.read())["study_summaries"]] == ["demo"]

@@ -545,7 +545,15 @@ def test_one_call_scores_each_task_with_its_own_settings_as_simple_evaluate_woul
 
     from lm_eval import simple_evaluate
 
-    from evaluator.harness import _gen_kwargs, _language_model, _lean_lm_eval, _metric, _score, task_manager
+    from evaluator.harness import (
+        _gen_kwargs,
+        _language_model,
+        _lean_lm_eval,
+        _metric,
+        _score,
+        standard_error,
+        task_manager,
+    )
     from evaluator.micro import write_micro_task
 
     model, tok = adapted
@@ -573,17 +581,30 @@ def test_one_call_scores_each_task_with_its_own_settings_as_simple_evaluate_woul
     lm.loglikelihood = recording("loglikelihood", lm.loglikelihood)
     lm.generate_until = recording("generate_until", lm.generate_until)
     with torch.no_grad():
-        merged = _score(lm, tasks, manager, generation)
+        merged, per_doc = _score(lm, tasks, manager, generation)
         merged_calls, calls[:] = list(calls), []
-        reference = {}
+        reference, reference_stderr = {}, {}
         with _lean_lm_eval():
             for t in tasks:
                 settings = dataclasses.replace(generation, max_new_tokens=t.max_new_tokens or 12)
+                # bootstrap_iters > 0: lm-eval's own standard error (for a mean: sample std / sqrt(n), no bootstrap)
                 results = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=t.limit,
-                                          task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=10,
                                           gen_kwargs=_gen_kwargs(settings))
                 reference[t.name] = _metric(results["results"], t)
+                name, _, filter_key = t.metric.partition(",")
+                reference_stderr[t.name] = results["results"][t.name][f"{name}_stderr,{filter_key or 'none'}"]
     assert merged == reference
+    # The per-document values behind each score: their mean is the score, and their standard error lm-eval's
+    # (binomial for 0/1 values: lm-eval's sample deviation differs from it by sqrt(n / (n - 1)) exactly).
+    assert {name: len(v) for name, v in per_doc.items()} == {"t_mc": 9, "t_ethics": 10, "t_gen": 5, "t_sum": 6}
+    for t in tasks:
+        values = per_doc[t.name]
+        assert sum(values) / len(values) == pytest.approx(reference[t.name])
+        n, binary = len(values), all(v in (0, 1) for v in values)
+        expected = reference_stderr[t.name] * ((n - 1) / n) ** 0.5 if binary else reference_stderr[t.name]
+        assert standard_error(values) == pytest.approx(expected)
+
     # One log-likelihood call, and one generation call split by settings into one decode per task.
     assert [kind for kind, _ in merged_calls] == ["loglikelihood", "generate_until", "generate_until", "generate_until"]
     for kind in ("loglikelihood", "generate_until"):
@@ -594,6 +615,17 @@ def test_one_call_scores_each_task_with_its_own_settings_as_simple_evaluate_woul
     assert len(loglikelihood) == 9 * 4 + 10 * 2  # t_mc's limit of 9 documents, 4 choices; ethics' 10, 2 choices
     generated = next(requests for k, requests in merged_calls if k == "generate_until")
     assert sorted(json.loads(a)[1]["max_gen_toks"] for a in generated) == [6] * 5 + [9] * 6
+
+
+def test_standard_errors_are_binomial_for_0_1_values_else_the_sample_deviation_over_root_n():
+    import statistics
+
+    from evaluator.harness import standard_error
+
+    assert standard_error([1.0, 0.0, 1.0, 1.0]) == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert standard_error([0.5, 0.25, 1.0]) == pytest.approx(statistics.stdev([0.5, 0.25, 1.0]) / 3 ** 0.5)
+    assert standard_error([1.0, 1.0]) == 0.0
+    assert standard_error([0.3]) is None and standard_error([]) is None
 
 
 def test_a_second_scoring_reuses_the_task_index_and_the_built_requests(adapted, tmp_path):
@@ -612,17 +644,19 @@ def test_a_second_scoring_reuses_the_task_index_and_the_built_requests(adapted, 
     assert task_manager(tasks, tmp_path / "tasks") is manager
     generation = GenerationConfig(max_new_tokens=12, batch_size=4)
     first = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
-    [prepared] = [v for k, v in harness._PREPARED.items() if k[0] == manager.sweep_key]
+    [(prepared, _)] = [v for k, v in harness._PREPARED.items() if k[0] == manager.sweep_key]
     instances = list(prepared["tasks"]["t_mc"].instances)
     assert len(instances) == 8 * 4
     second = evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
     assert second.scores == first.scores
+    # The per-document values behind the standard errors are this call's alone.
+    assert second.num_docs == first.num_docs == {"t_mc": 8, "t_sum": 4} and second.stderrs == first.stderrs
     assert prepared["tasks"]["t_mc"].instances == instances  # the same request objects, answered again
     assert all(len(i.resps) == 1 for i in instances)  # the first call's answers were cleared, not kept
     # Rewritten task files (other documents) are a new index and new requests.
     write_micro_task("t_mc", "micro_mc", tmp_path / "tasks", n=12, seed=5)
     assert task_manager(tasks, tmp_path / "tasks") is not manager
     evaluate(model, tok, tasks, tmp_path / "tasks", 8, generation, dequantize=False)
-    rebuilt = [v for k, v in harness._PREPARED.items() if k[0] != manager.sweep_key and "t_mc" in v["tasks"]]
+    rebuilt = [v for k, (v, _) in harness._PREPARED.items() if k[0] != manager.sweep_key and "t_mc" in v["tasks"]]
     assert rebuilt and rebuilt[-1]["tasks"]["t_mc"].instances[0] is not instances[0]
     assert rebuilt[-1]["tasks"]["t_mc"].instances[0].doc != instances[0].doc

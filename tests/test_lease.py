@@ -162,7 +162,8 @@ def test_an_end_recorded_but_not_told_is_told_on_the_next_start(tmp_path, store)
     recover_trials(study, store, lease, heartbeat_seconds=1, max_retries=2)
     (t,) = study.get_trials()
     assert t.state.name == "COMPLETE" and t.value == 0.5 and t.user_attrs["adapter_dir"] == "/a"
-    assert t.user_attrs["scores"] == {"t": 0.5} and t.constraints == {"memory_over_cap_gib": 1.0}
+    assert t.user_attrs["score.t"] == 0.5 and t.user_attrs["open_value"] == 0.5
+    assert t.constraints == {"memory_over_cap_gib": 1.0}
     assert store.trials("s")[0].adapter_dir == "/a"
 
 
