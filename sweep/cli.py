@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--allow-writes", action="store_true",
                            help="let the dashboard change the database: notes, study deletion (default: read-only)")
 
+    serve = sub.add_parser("serve", help="serve an export over the challenge's HTTP API (/process, /tokenize, "
+                                         "/decode), as HELM's HTTP model client calls it")
+    serve.add_argument("dir", help="the directory `sweep export --out` wrote")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080,
+                       help="port, 0-65535 (default 8080, HELM's default base URL; 0: a free one)")
+    serve.add_argument("--merged", action="store_true",
+                       help="serve the export's merged model (DIR/merged, `sweep export --merge`) instead of the "
+                            "adapter on its 4-bit base")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one)")
+
+    submission = sub.add_parser("submission", help="pack an export as the challenge's Docker submission: "
+                                                   "Dockerfile, pinned requirements, the export, the server")
+    submission.add_argument("dir", help="the directory `sweep export --out` wrote")
+    submission.add_argument("--out", required=True, help="destination directory (new or empty, unless --force)")
+    submission.add_argument("--merged", action="store_true", help="the image serves the merged model (DIR/merged)")
+    submission.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+
     report = sub.add_parser("report", help="write a static HTML report of a study, with plots (opens offline)")
     report.add_argument("--study", help="study name (default: the only study in the storage)")
     report.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -118,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     commands = {
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
-        "report": cmd_report,
+        "report": cmd_report, "serve": cmd_serve, "submission": cmd_submission,
     }
     debug = args.debug or os.environ.get("SWEEP_DEBUG", "").lower() not in ("", "0", "false", "no")
     args.debug = debug
@@ -361,6 +379,66 @@ def cmd_dashboard(args) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import errno
+    from pathlib import Path
+
+    from sweep.serve import Engine, bind, export_problem, load_export, run
+
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
+    problem = export_problem(Path(args.dir), args.merged)
+    if problem:
+        raise CliError(problem)
+    if args.device and not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise CliError(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    try:
+        sock = bind(args.host, args.port)  # a taken port fails now, not after the model has loaded
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CliError(f"--port {args.port}: {args.host}:{args.port} is in use ({e.strerror}); pass another "
+                           f"--port, or --port 0 for a free one") from None
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host "
+                       f"or --port") from None
+    try:
+        served = load_export(args.dir, merged=args.merged, device=args.device)
+    except Exception as e:
+        sock.close()
+        if args.debug:
+            raise
+        raise CliError(f"{args.dir}: cannot load the model ({type(e).__name__}: {_one_line(str(e))})") from None
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+
+    def announce() -> None:
+        print(f"Serving {served.description} on {served.device} at {url} (POST /process, /tokenize, /decode; "
+              f"Ctrl-C stops it)", flush=True)
+
+    run(Engine(served), sock, announce)
+    return 0
+
+
+def cmd_submission(args) -> int:
+    from pathlib import Path
+
+    from sweep.docker import SubmissionError, write_submission
+    from sweep.serve import export_problem
+
+    problem = export_problem(Path(args.dir), args.merged)
+    if problem:
+        raise CliError(problem)
+    try:
+        out = write_submission(Path(args.dir), Path(args.out), merged=args.merged, force=args.force)
+    except SubmissionError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}); pass an "
+                       f"--out in a writable place") from None
+    print(f"Wrote the Docker submission to {out}: docker build -t my-submission {out} && "
+          f"docker run --gpus all -p 127.0.0.1:8080:80 my-submission")
     return 0
 
 

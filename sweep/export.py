@@ -218,12 +218,14 @@ def _write_submission(staging: Path, src: Path, status: dict, trial: dict, score
                       model_config, merge: Optional[str], device: Optional[str]) -> None:
     import yaml
 
-    from sweep.submission import merged_model, model_card, reproduce_config
+    from sweep.submission import merged_model, model_card, package_versions, reproduce_config
     from trainer.model import load_tokenizer
 
     for name in ADAPTER_FILES:
         shutil.copyfile(src / name, staging / name)  # contents only: modes come from the umask
     (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    # The versions the export was made with: `sweep submission` pins them.
+    (staging / "environment.json").write_text(json.dumps(package_versions(), indent=2) + "\n")
     tokenizer = load_tokenizer(model_config)
     tokenizer.save_pretrained(staging)
     (staging / "config.yaml").write_text(yaml.safe_dump(reproduce_config(hyperparameters), sort_keys=False))

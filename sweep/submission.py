@@ -24,6 +24,26 @@ from typing import Any, Optional
 import yaml
 
 MERGE_BASES = ("dequantized", "original")
+# What `sweep serve` needs (its import path loads none of optuna, ray, SQLAlchemy or lm-eval): the versions an
+# export was made with, pinned by `sweep submission`.
+SERVING_PACKAGES = (
+    "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "huggingface-hub",
+    "numpy", "pyyaml", "fastapi", "uvicorn", "pydantic", "sentencepiece", "protobuf",
+)
+
+
+def package_versions() -> dict[str, Any]:
+    """The installed versions of `SERVING_PACKAGES` (those installed), with Python's."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in SERVING_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"python": platform.python_version(), "packages": found}
 
 
 def model_config_of(hyperparameters: dict):

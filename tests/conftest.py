@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -94,3 +95,23 @@ def demo_study(tmp_path_factory, ray_session):
     finally:
         os.chdir(cwd)
     return types.SimpleNamespace(dir=directory, storage=f"sqlite:///{directory / 'studies.db'}", study="demo")
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_study, tmp_path_factory):
+    """`sweep export --pick` of the finished demo study: the directory `sweep serve` and `sweep submission` take."""
+    from sweep.cli import main
+
+    out = tmp_path_factory.mktemp("demo-export") / "export"
+    assert main(["export", "--storage", demo_study.storage, "--pick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_export):
+    """A real `sweep serve` of the demo export on a free loopback port (a subprocess, as a user starts it): its
+    base URL. Shared by the API tests and the HELM-client test; it must still be up when they end."""
+    from sweep_processes import serving_process
+
+    with serving_process([sys.executable, "-m", "sweep.cli", "serve", str(demo_export), "--port", "0"]) as url:
+        yield url

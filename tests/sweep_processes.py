@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -99,3 +100,37 @@ def study_status_of(storage: str, study: str) -> dict:
 
     loaded = load_existing_study(make_storage(storage, read_only=True), study)
     return study_status(loaded, Store(storage, create=False, read_only=True))
+
+
+@contextlib.contextmanager
+def serving_process(command: list[str], env: dict | None = None, cwd: Path | None = None, seconds: float = 180):
+    """Runs a server command (`sweep serve`, a submission's start.sh) until its banner names its URL; yields the
+    URL (`http://127.0.0.1:PORT`) and stops it at the end. Its output goes to a file beside it on failure."""
+    import re
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile(prefix="sweep-serve-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            text = Path(log.name).read_text(errors="replace")
+            found = re.search(r" at (http://127\.0\.0\.1:\d+) ", text)
+            if found:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the server did not start (exit {process.poll()}):\n{text[-3000:]}")
+            time.sleep(0.2)
+        yield found.group(1)
+        assert process.poll() is None, f"the server died:\n{Path(log.name).read_text()[-3000:]}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+        os.unlink(log.name)

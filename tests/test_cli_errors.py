@@ -381,8 +381,8 @@ def test_export_refuses_an_out_it_cannot_use(tmp_path, capsys, monkeypatch):
     rc, out, err = run_main(capsys, "export", "--storage", storage, "--best", "--out", "new/deeper/out")
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "new" / "deeper" / "out").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "hyperparameters.yaml",
-        "scores.json", "tokenizer.json", "tokenizer_config.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "environment.json",
+        "hyperparameters.yaml", "scores.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 # --- dashboard --port and --host ---------------------------------------------------------------------------

@@ -25,8 +25,8 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
-EXPORTED = ["README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "hyperparameters.yaml",
-            "scores.json", "tokenizer.json", "tokenizer_config.json"]
+EXPORTED = ["README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "environment.json",
+            "hyperparameters.yaml", "scores.json", "tokenizer.json", "tokenizer_config.json"]
 """What an export without --merge writes: the adapter, the tokenizer, the card, the configs and the scores."""
 ALL_TASKS = {"demo_digits", "micro_mc", "micro_gen", "micro_sum", "micro_math", "micro_parity"}
 
