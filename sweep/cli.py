@@ -201,7 +201,11 @@ def _storage_errors(url: Optional[str]):
     """
     try:
         yield
+    except CliError:
+        raise
     except Exception as e:
+        if url is None:  # a command without a storage (serve, submission): serving needs no SQLAlchemy at all
+            raise
         from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 
         from sweep.faults import is_disk_full
@@ -413,11 +417,17 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
 
-    def announce() -> None:
-        print(f"Serving {served.description} on {served.device} at {url} (POST /process, /tokenize, /decode; "
-              f"Ctrl-C stops it)", flush=True)
+    engine = Engine(served)
+    dense = " (as a dense bf16 copy with the adapter merged in)" if engine.dense else ""
 
-    run(Engine(served), sock, announce)
+    def announce() -> None:
+        print(f"Serving {served.description}{dense} on {served.device} at {url} (POST /process, /tokenize, "
+              f"/decode; Ctrl-C stops it)", flush=True)
+
+    try:
+        run(engine, sock, announce)
+    finally:
+        engine.close()
     return 0
 
 

@@ -28,7 +28,7 @@ MERGE_BASES = ("dequantized", "original")
 # export was made with, pinned by `sweep submission`.
 SERVING_PACKAGES = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "huggingface-hub",
-    "numpy", "pyyaml", "fastapi", "uvicorn", "pydantic", "sentencepiece", "protobuf",
+    "numpy", "pyyaml", "fastapi", "starlette", "uvicorn", "pydantic", "sentencepiece", "protobuf",
 )
 
 
