@@ -213,7 +213,18 @@ class OrchestrationConfig:
         default=None,
     )
 
+    tracking: list[str] = doc(
+        "Experiment trackers each trial is logged to, as a run grouped by study: `wandb` (offline without "
+        "credentials or network; files under the artifacts directory) and/or `tensorboard`; [] : none.",
+        default_factory=list,
+    )
+
     def validate(self) -> None:
+        unknown = [t for t in self.tracking if t not in ("wandb", "tensorboard")]
+        if unknown:
+            raise ValueError(f"tracking: unknown tracker {unknown[0]!r} (expected wandb or tensorboard)")
+        if len(set(self.tracking)) != len(self.tracking):
+            raise ValueError(f"tracking: a tracker is named twice in {self.tracking}")
         for name in ("concurrency", "budget_hours", "timeout_seconds", "heartbeat_seconds"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -46,6 +46,7 @@ from sweep.records import end_trial, finished_count, recover_trials
 from sweep.space import suggest
 from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
 from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
+from sweep.tracking import Trackers, wandb_mode
 from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, out_of_memory_reason
 from trainer.data import Example, heldout_docs, render, resolve_template, write_choice_docs
 from trainer.demo_base import DEMO_MODEL_ID
@@ -88,6 +89,8 @@ class _Run:
     """Evaluation n-grams that training examples must not share (data.drop_contaminated)."""
     artifact_store: Any = None
     """The study's Optuna artifact store (sweep.artifacts), where each trial's artifacts go as it ends."""
+    trackers: Any = None
+    """The experiment trackers each ended trial is logged to (sweep.tracking.Trackers)."""
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,13 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
     # What can be known before any trial runs, checked before anything is written.
     check_study(config, storage_url, study_name)
     check_config(config, profile)
+    # The driver decides W&B's mode (offline without credentials or network); the workers get it too.
+    tracking_mode = wandb_mode() if "wandb" in orchestration.tracking else None
     # Ray next: an address that cannot be joined (or a cluster without a GPU) stops the start unwritten too.
-    start_ray(address, profile, env_vars=_worker_env(config, _cpus_per_trial(config, profile)))
+    env_vars = _worker_env(config, _cpus_per_trial(config, profile))
+    if tracking_mode is not None:
+        env_vars["WANDB_MODE"] = tracking_mode
+    start_ray(address, profile, env_vars=env_vars)
     log.info("Study %r: %d trial(s) on profile %s, storage %s, %s", study_name, n_trials, profile.name,
              storage_url, f"Ray cluster {address}" if address else "local Ray")
     store = Store(storage_url)
@@ -229,6 +237,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         lease=lease,
         running_ids=running_ids,
         artifact_store=open_store(work_dir, study),
+        trackers=Trackers(orchestration.tracking, work_dir, study_name),
     )
     log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
              "resident" if orchestration.resident_base else "reloaded per trial")
@@ -401,6 +410,8 @@ def _run_baseline(run: _Run) -> None:
         stderrs=result.stderrs, num_docs=result.num_docs,
     )
     log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
+    if run.trackers is not None:
+        run.trackers.baseline(config.model.name_or_path, result.scores, values, result.stderrs)
 
 
 def _log_base_load(config: SweepConfig, seconds: Optional[float], slot: int) -> None:
@@ -633,12 +644,24 @@ class _Driver:
         if run.lease.lost.is_set():
             raise LeaseLost(f"study {run.study.study_name!r}: this start's lease was taken over; trial "
                             f"{flight.trial.number} not recorded")
-        self._save_artifacts(flight, record)
+        rungs = self._rungs(flight)
+        self._save_artifacts(flight, record, rungs)
         end_trial(run.study, run.store, flight.trial, record, metrics)
         run.running_ids.discard(flight.trial._trial_id)
         self._update_note()
+        if run.trackers is not None and flight.spec is not None:
+            run.trackers.trial(record, flight.params, flight.spec.hyperparameters, rungs, record.learning_rates or [],
+                               run.config.evaluator.objective_suite)
 
-    def _save_artifacts(self, flight: _Flight, record: TrialRecord) -> None:
+    def _rungs(self, flight: _Flight) -> tuple:
+        """The (step, value) the trial reported at its rungs, from Optuna's storage."""
+        try:
+            frozen = flight.trial.storage.get_trial(flight.trial._trial_id)
+        except Exception:  # noqa: BLE001 - for the artifacts and trackers only
+            return ()
+        return tuple(sorted(frozen.intermediate_values.items()))
+
+    def _save_artifacts(self, flight: _Flight, record: TrialRecord, rungs: tuple) -> None:
         """The trial's loss curve, eval report, config and log into the artifact store (before Optuna's tell: a
         finished trial takes no artifacts). One that cannot be saved is a warning: the trial's end is recorded."""
         run = self.run_
@@ -649,7 +672,7 @@ class _Driver:
             upload_trial_artifacts(
                 run.artifact_store, flight.trial, record, Path(flight.spec.log_file).parent,
                 flight.spec.hyperparameters, flight.spec.log_file, suites, run.store.baseline(run.study.study_name),
-                rungs=tuple(sorted(flight.trial.storage.get_trial(flight.trial._trial_id).intermediate_values.items())),
+                rungs=rungs,
             )
         except Exception as e:  # noqa: BLE001 - artifacts are for reading; the record is what must land
             log.warning("Trial %d: its artifacts were not saved (%s)", record.trial_number, failure_reason(e))

@@ -85,6 +85,7 @@ trial_records = Table(
     Column("losses", JSON),
     Column("stderrs", JSON),
     Column("num_docs", JSON),
+    Column("learning_rates", JSON),
     UniqueConstraint("study_name", "trial_number"),
 )
 
@@ -148,6 +149,7 @@ MEASUREMENTS = (
     "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second", "peak_memory_gib", "memory_cap_gib",
     "mfu", "train_tokens", "train_steps", "final_loss", "checkpointed_layers", "full_run_tokens",
     "projected_full_run_hours", "data", "base_load_seconds", "timeline", "losses", "stderrs", "num_docs",
+    "learning_rates",
 )
 
 
@@ -196,6 +198,8 @@ class TrialRecord:
     """Each task's standard error, from its per-document values."""
     num_docs: Optional[dict] = None
     """Documents each task was scored on."""
+    learning_rates: Optional[list] = None
+    """[step, learning rate] pairs, thinned as `losses`."""
 
     @property
     def finished(self) -> bool:

@@ -111,6 +111,8 @@ class TrialResult:
     """Unix times in the worker: `started`, `first_step` (end of the first optimizer step), `finished`; and `slot`."""
     losses: tuple[tuple[int, float], ...] = ()
     """(step, training loss), at most `MAX_LOSS_POINTS` of them spread over the run (the last step kept)."""
+    learning_rates: tuple[tuple[int, float], ...] = ()
+    """(step, learning rate), thinned as `losses` is."""
     stderrs: Optional[dict] = None
     """Each task's standard error, from its per-document values (`evaluator.harness.standard_error`)."""
     num_docs: Optional[dict] = None
@@ -121,7 +123,7 @@ MAX_LOSS_POINTS = 1000
 
 
 def loss_curve(losses, max_points: int = MAX_LOSS_POINTS) -> tuple[tuple[int, float], ...]:
-    """`losses` thinned to at most `max_points` evenly spread steps, the last one always kept."""
+    """(step, value) pairs thinned to at most `max_points` evenly spread steps, the last one always kept."""
     losses = tuple((int(step), float(loss)) for step, loss in losses)
     if len(losses) <= max_points:
         return losses
@@ -334,6 +336,7 @@ class TrialSlot:
             base_load_seconds=load_seconds,
             timeline=timeline,
             losses=loss_curve(trained.losses),
+            learning_rates=loss_curve(trained.learning_rates),
             stderrs=evaluated.stderrs if evaluated else None,
             num_docs=evaluated.num_docs if evaluated else None,
         )

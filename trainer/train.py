@@ -68,6 +68,8 @@ class TrainResult:
     num_layers: int
     losses: tuple[tuple[int, float], ...] = ()
     """(step, loss) of every logged step."""
+    learning_rates: tuple[tuple[int, float], ...] = ()
+    """(step, learning rate) the optimizer stepped with, at every step."""
     planned_steps: int = 0
     """Steps the run was set to train; more than `steps` when a checkpoint callback stopped it early."""
 
@@ -479,6 +481,7 @@ def train(
         on_start(steps)
     stream = iter(batches)
     losses: list[tuple[int, float]] = []
+    learning_rates: list[tuple[int, float]] = []
     real_tokens = timed_tokens = 0
     start = time.perf_counter()
     timed_from = start
@@ -502,6 +505,7 @@ def train(
                 if step > 1:
                     timed_tokens += m["real_tokens"]
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            learning_rates.append((step, float(optimizer.param_groups[0]["lr"])))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -561,6 +565,7 @@ def train(
         checkpointed_layers=checkpointed,
         num_layers=len(decoder_layers(model)),
         losses=tuple(losses),
+        learning_rates=tuple(learning_rates),
         planned_steps=planned,
     )
 
