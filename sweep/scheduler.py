@@ -167,7 +167,7 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
     try:
         with Heartbeat(lease, orchestration.heartbeat_seconds) as heartbeat:
             outcome = _run_holding_lease(config, store, lease, heartbeat, storage_url, study_name, n_trials, profile,
-                                         address)
+                                         address, tracking_mode)
         ending, resumable = "finished", False
         return outcome
     except KeyboardInterrupt as e:  # stopped on purpose: the next start adds its own trials
@@ -186,7 +186,7 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
 
 def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, heartbeat: Heartbeat,
                        storage_url: str, study_name: str, n_trials: int, profile: GpuProfile,
-                       address: Optional[str]) -> SweepOutcome:
+                       address: Optional[str], tracking_mode: Optional[str] = None) -> SweepOutcome:
     import optuna
     import ray
 
@@ -237,7 +237,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         lease=lease,
         running_ids=running_ids,
         artifact_store=open_store(work_dir, study),
-        trackers=Trackers(orchestration.tracking, work_dir, study_name),
+        trackers=Trackers(orchestration.tracking, work_dir, study_name, wandb_mode=tracking_mode),
     )
     log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
              "resident" if orchestration.resident_base else "reloaded per trial")

@@ -65,12 +65,14 @@ def _netrc_has_wandb(path: Optional[str]) -> bool:
 class Trackers:
     """The trackers of one start; each failure is one warning and never stops the sweep."""
 
-    def __init__(self, names: list[str], work_dir: Path, study_name: str):
+    def __init__(self, names: list[str], work_dir: Path, study_name: str, wandb_mode: Optional[str] = None):
+        """`wandb_mode`: the mode the driver decided (and gave the workers); None: decided here."""
         self.study_name = study_name
         self.trackers: list[Any] = []
         for name in names:
             try:
-                tracker = WandbTracker(work_dir, study_name) if name == "wandb" else TensorBoardTracker(work_dir)
+                tracker = (WandbTracker(work_dir, study_name, wandb_mode) if name == "wandb"
+                           else TensorBoardTracker(work_dir))
             except Exception as e:  # noqa: BLE001 - a tracker that cannot start is a warning
                 log.warning("Tracking with %s is off for this start: %s", name, _reason(e))
                 continue
@@ -138,7 +140,7 @@ def _summary(record: TrialRecord, objective: Optional[str]) -> dict[str, Any]:
 class WandbTracker:
     name = "wandb"
 
-    def __init__(self, work_dir: Path, study_name: str):
+    def __init__(self, work_dir: Path, study_name: str, mode: Optional[str] = None):
         import wandb
 
         self.wandb = wandb
@@ -147,7 +149,7 @@ class WandbTracker:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.study_name = study_name
         self.project = os.environ.get("WANDB_PROJECT") or f"sweep-{study_name}"
-        self.mode = wandb_mode()
+        self.mode = mode or wandb_mode()
         log.info("Tracking with W&B (%s) under %s%s", self.mode, self.dir,
                  "; sync later with `wandb sync " + str(self.dir) + "/offline-run-*`" if self.mode == "offline"
                  else "")
