@@ -19,7 +19,8 @@ def run_cli(*args, cwd=None, timeout=120):
 def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("start", "status", "export", "dashboard", "validate", "contamination"):
+    for command in ("start", "status", "export", "dashboard", "validate", "contamination", "report", "serve",
+                    "submission"):
         assert command in result.stdout
 
 
@@ -29,6 +30,10 @@ def test_help_lists_every_subcommand():
     ("status", ["--study", "--storage", "--format"]),
     ("export", ["--study", "--storage", "--pick", "--best", "--trial", "--out"]),
     ("contamination", ["--config", "--set", "--format"]),
+    ("dashboard", ["--storage", "--host", "--port", "--artifacts", "--allow-writes"]),
+    ("report", ["--study", "--storage", "--out"]),
+    ("serve", ["--host", "--port", "--merged", "--device"]),
+    ("submission", ["--out", "--merged", "--force"]),
 ])
 def test_subcommand_help_names_the_contract_flags(command, flags):
     result = run_cli(command, "--help")
