@@ -207,6 +207,14 @@ def test_the_dashboard_in_a_browser_names_the_objective_shows_the_pick_and_each_
         axes = browser.wait_for("(t => t.includes('open') && t)([...document.querySelectorAll('.js-plotly-plot "
                                 ".ytitle')].map(e => e.textContent).join(' '))")
         assert "Objective 0" not in axes and "Objective 0" not in browser.text()
+        # The scalar user attributes are axes of the History plot (its y-axis menu).
+        browser.evaluate("document.querySelector('[role=combobox]').dispatchEvent(new MouseEvent('mousedown', "
+                         "{bubbles: true}))")
+        options = browser.wait_for("(o => o.length && o)([...document.querySelectorAll('[role=option]')]"
+                                   ".map(o => o.textContent))")
+        for attribute in ("heldout_value", "tokens_per_second", "score.demo_digits"):
+            assert f"User Attribute {attribute}" in options, options
+        browser.evaluate("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}))")
         shot = browser.screenshot(screenshot_path(tmp_path, "dashboard-study.png"))
         browser.open(f"{base}/dashboard/studies/1/note")
         note = browser.wait_for(f"(t => t.includes('Pick: trial {pick}') && t)(document.body.innerText)")
