@@ -77,6 +77,11 @@ class StudyConfig:
         default=None,
     )
     sampler: Literal["tpe", "random"] = doc("Optuna sampler.", default="tpe")
+    sampler_startup_trials: int = doc(
+        "tpe: trials sampled at random before TPE models the space (Optuna's default, 10); a study of a few "
+        "dozen trials leaves TPE more of them with fewer.",
+        default=10,
+    )
     full_run_hours_limit: float = doc(
         "A trial whose full run (the whole mix, all epochs) is projected to take longer on the target GPU "
         "is infeasible (an Optuna constraint); the challenge allows 24 hours.",
@@ -115,6 +120,8 @@ class StudyConfig:
             raise ValueError(f"reduction_factor: must be >= 2, got {self.reduction_factor}")
         if self.pruner_startup_trials < 0:
             raise ValueError(f"pruner_startup_trials: must be >= 0, got {self.pruner_startup_trials}")
+        if self.sampler_startup_trials < 0:
+            raise ValueError(f"sampler_startup_trials: must be >= 0, got {self.sampler_startup_trials}")
         if self.n_trials < 1:
             raise ValueError(f"n_trials: must be >= 1, got {self.n_trials}")
         if not self.full_run_hours_limit > 0:

@@ -61,7 +61,7 @@ def make_sampler(config: SweepConfig, n_existing: int):
     seed = derived_seed(config.study.seed, n_existing)
     if config.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.study.sampler_startup_trials)
 
 
 def make_pruner(config: SweepConfig):

@@ -235,3 +235,22 @@ def test_any_study_seed_seeds_the_sampler_and_the_trials(seed):
     assert all(0 <= derived_seed(seed, i) < 2**32 for i in range(5))
     if 0 <= seed <= 4294:
         assert derived_seed(seed, 2) == seed * 1_000_003 + 2  # the seeds earlier studies were trained with
+
+
+def test_tpe_models_the_space_after_its_configured_startup_trials():
+    """study.sampler_startup_trials: the same seed draws the same random start; TPE takes over after it."""
+    import optuna
+
+    from sweep.config import load_config
+    from sweep.study import make_sampler
+
+    def proposals(startup: int) -> list[float]:
+        config = load_config(None, [f"study.sampler_startup_trials={startup}"])
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(config, 0))
+        study.optimize(lambda t: -(t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=4)
+        return [t.params["x"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    early, default = proposals(2), proposals(10)
+    assert early[:2] == default[:2]  # the random start, from the same seed
+    assert early[2:] != default[2:]  # then TPE's proposals, where the default still draws at random
