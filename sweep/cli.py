@@ -340,7 +340,6 @@ def cmd_contamination(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    import errno
     import socket
 
     from sweep.dashboard import build_server
@@ -365,14 +364,7 @@ def cmd_dashboard(args) -> int:
         server = build_server(args.storage, args.host, args.port, read_only=read_only,
                               allow_writes=args.allow_writes, artifacts=args.artifacts)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise CliError(f"--port {args.port}: {args.host}:{args.port} is in use ({e.strerror}); pass another "
-                           f"--port, or --port 0 for a free one") from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise CliError(f"--host {args.host}: not an address of this machine ({e.strerror}); pass one, "
-                           f"e.g. 127.0.0.1") from None
-        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host "
-                       f"or --port") from None
+        raise _listen_error(e, args.host, args.port) from None
     if read_only:
         note = " (read-only: this process may not write the database)"
     else:
@@ -386,8 +378,19 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def _listen_error(error: OSError, host: str, port: int) -> CliError:
+    """The one line for a server (dashboard, serve) that cannot listen on host:port."""
     import errno
+
+    if error.errno == errno.EADDRINUSE:
+        return CliError(f"--port {port}: {host}:{port} is in use ({error.strerror}); pass another --port, or "
+                        f"--port 0 for a free one")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return CliError(f"--host {host}: not an address of this machine ({error.strerror}); pass one, e.g. 127.0.0.1")
+    return CliError(f"cannot listen on {host}:{port} ({error.strerror or error}); pass another --host or --port")
+
+
+def cmd_serve(args) -> int:
     from pathlib import Path
 
     from sweep.serve import Engine, bind, export_problem, load_export, run
@@ -402,11 +405,7 @@ def cmd_serve(args) -> int:
     try:
         sock = bind(args.host, args.port)  # a taken port fails now, not after the model has loaded
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise CliError(f"--port {args.port}: {args.host}:{args.port} is in use ({e.strerror}); pass another "
-                           f"--port, or --port 0 for a free one") from None
-        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host "
-                       f"or --port") from None
+        raise _listen_error(e, args.host, args.port) from None
     try:
         served = load_export(args.dir, merged=args.merged, device=args.device)
     except Exception as e:

@@ -12,7 +12,6 @@ the host's side on loopback). `start.sh` runs the same outside Docker.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +28,13 @@ class SubmissionError(ValueError):
 
 def write_submission(export_dir: Path, out: Path, merged: bool = False, force: bool = False) -> Path:
     """Writes the Docker submission of `export_dir` into `out` (new or empty, or replaced with `force`),
-    all or nothing."""
-    _check_out(out, force)
+    all or nothing, as `sweep export` writes an export (`sweep.export.check_out`, `move_into_place`)."""
+    from sweep.export import check_out, move_into_place, ordinary_modes
+
+    try:
+        check_out(out, force)
+    except ValueError as e:
+        raise SubmissionError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.submission-", dir=out.parent))
     try:
@@ -43,15 +47,11 @@ def write_submission(export_dir: Path, out: Path, merged: bool = False, force: b
             shutil.copytree(configs, app / "sweep" / "configs", ignore=IGNORED, dirs_exist_ok=True)
         (staging / "requirements.txt").write_text(requirements(export_dir))
         (staging / "start.sh").write_text(start_script(merged))
-        (staging / "start.sh").chmod(0o755)
         (staging / "Dockerfile").write_text(dockerfile())
         (staging / ".dockerignore").write_text("**/__pycache__\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the directory from anyone else
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        ordinary_modes(staging)
+        (staging / "start.sh").chmod((staging / "start.sh").stat().st_mode | 0o111)  # the image's command
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -104,10 +104,3 @@ def _package_dir(name: str) -> Path:
 
     module = importlib.import_module(name)
     return Path(next(iter(module.__path__)))
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SubmissionError(f"--out {out}: is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise SubmissionError(f"--out {out}: is not empty; pass a new directory, or --force to replace its contents")

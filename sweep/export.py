@@ -170,7 +170,7 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     from sweep.worker import output_to
 
     out = Path(out_dir)
-    _check_out(out, force)
+    check_out(out, force)
     trial_number = _trial_to_export(status, which)
     trial = next((t for t in status["trials"] if t["number"] == trial_number), None)
     if trial is None:
@@ -207,8 +207,8 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     try:
         with output_to(os.devnull if quiet else None):
             _write_submission(staging, src, status, trial, scores, hyperparameters, model_config, merge, device)
-        _ordinary_modes(staging)
-        _move_into_place(staging, out)
+        ordinary_modes(staging)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -236,7 +236,7 @@ def _write_submission(staging: Path, src: Path, status: dict, trial: dict, score
         tokenizer.save_pretrained(staging / "merged")
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
     """Refuses an `out` that is a file, lies under a file, is a non-empty directory (without `force`), or is
     not writable (a read-only mount, a directory this user may not write); nothing is created here."""
     from sweep.store import nearest_existing, not_writable_reason, writable
@@ -262,7 +262,7 @@ def _trial_to_export(status: dict[str, Any], which: int | str) -> int:
     return int(which)
 
 
-def _ordinary_modes(directory: Path) -> None:
+def ordinary_modes(directory: Path) -> None:
     """Files 0666 and directories 0777, less the umask: what any new file of the user's gets."""
     umask = os.umask(0)
     os.umask(umask)
@@ -271,7 +271,7 @@ def _ordinary_modes(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def move_into_place(staging: Path, out: Path) -> None:
     """Makes `staging`'s files the contents of `out`, swapping whole directories where it can."""
     if not out.exists():
         staging.rename(out)

@@ -308,12 +308,39 @@ def filtered_probabilities(logits, top_k: int, top_p: float):
     return probs
 
 
+TOKEN_TEXT_WINDOW = 8
+"""Tokens decoded before each token to find its text (`token_texts`): enough context for a byte split over
+several tokens or a tokenizer's word-start space, and no more, so the cost does not grow with the sequence."""
+
+
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
     """Each token's text such that their concatenation is the decoded sequence (special tokens as "").
 
-    A token that ends inside a multi-byte character gets "" and the character goes to the token that
-    completes it.
+    A token's text is what it adds to the decode of the few tokens before it (`TOKEN_TEXT_WINDOW`), so a
+    2,000-token echo costs 2,000 short decodes; where those pieces do not make the whole decode (a
+    tokenizer that decodes a window otherwise than the sequence), the texts come from decodes of whole
+    prefixes instead. A token that ends inside a multi-byte character gets "" and the character goes to the
+    token that completes it.
     """
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    texts, pending = [], 0
+    for end in range(1, len(ids) + 1):
+        start = max(0, end - 1 - pending - TOKEN_TEXT_WINDOW)
+        before = tokenizer.decode(ids[start:end - 1 - pending], skip_special_tokens=True)
+        text = tokenizer.decode(ids[start:end], skip_special_tokens=True)
+        if (text.endswith("\ufffd") and end < len(ids)) or not text.startswith(before):
+            texts.append("")
+            pending += 1
+            continue
+        texts.append(text[len(before):])
+        pending = 0
+    if "".join(texts) == whole:
+        return texts
+    return _prefix_token_texts(tokenizer, ids, whole)
+
+
+def _prefix_token_texts(tokenizer, ids: list[int], whole: str) -> list[str]:
+    """`token_texts` from decodes of whole prefixes: exact for any tokenizer, quadratic in the length."""
     texts, shown = [], ""
     for end in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:end], skip_special_tokens=True)
@@ -322,8 +349,8 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
             continue
         texts.append(text[len(shown):])
         shown = text
-    if texts and "".join(texts) != shown:  # the sequence ended inside a character: the rest goes to the last token
-        texts[-1] += tokenizer.decode(ids, skip_special_tokens=True)[len(shown):]
+    if texts and "".join(texts) != whole:  # the sequence ended inside a character: the rest goes to the last token
+        texts[-1] += whole[len(shown):]
     return texts
 
 
