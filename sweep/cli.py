@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPU-hours (slot-hours on cpu) this start may use; no trial starts that would not fit")
     start.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                        help="start no trial that would not finish within SECONDS of the start")
+    start.add_argument("--enqueue-best-from", metavar="STUDY",
+                       help="warm start: run the best trials' parameters of STUDY (in --storage) first")
+    start.add_argument("--top", type=_positive_int, metavar="N",
+                       help="with --enqueue-best-from: how many of its best trials (default: 1)")
     start.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted path, e.g. trainer.max_steps=50 (repeatable)")
 
@@ -254,7 +259,18 @@ def cmd_start(args) -> int:
 
     from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
     from sweep.scheduler import run_sweep
-    from sweep.study import StudyError
+    from sweep.study import StudyError, best_params
+
+    if args.top is not None and args.enqueue_best_from is None:
+        raise CliError("--top: only with --enqueue-best-from STUDY")
+    if args.enqueue_best_from is not None:
+        if args.enqueue_best_from == study_name:
+            raise CliError(f"--enqueue-best-from {study_name}: that is the study this start runs; name another")
+        try:
+            warm = best_params(args.storage, args.enqueue_best_from, args.top or 1, config.search_space)
+        except StudyError as e:
+            raise CliError(f"--enqueue-best-from {args.enqueue_best_from}: {e}") from None
+        config = dataclasses.replace(config, enqueue=[*config.enqueue, *warm])
 
     n_trials = args.trials or config.study.n_trials
     ignore_file_size_signal()  # past a file-size limit: EFBIG, handled as a full disk, instead of a kill
@@ -283,6 +299,10 @@ def _report_outcome(outcome, study_name: str, storage: str) -> int:
         return 1
     if outcome.best_number is None:
         print(f"Study {study_name!r}: no trial completed.")
+    elif outcome.pick_untuned:
+        print(f"Study {study_name!r}: the pick is the untuned base: no trial beat it (the best is trial "
+              f"{outcome.best_number}, {outcome.best_value:.4f}). See `sweep status`; export it with: "
+              f"sweep export --study {study_name} --storage {storage} --pick --out DIR")
     else:
         print(f"Study {study_name!r}: best is trial {outcome.best_number} with value {outcome.best_value:.4f}. "
               f"See the pick with `sweep status`; export it with: "
@@ -318,7 +338,12 @@ def cmd_export(args) -> int:
         raise CliError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}); nothing was "
                        f"exported: pass an --out in a writable place") from None
     merged = f"; merged into the {args.merge} base: {out / 'merged'}" if args.merge else ""
-    print(f"Exported trial {json.loads((out / 'scores.json').read_text())['trial']} to {out}{merged}")
+    exported = json.loads((out / "scores.json").read_text())
+    if exported.get("untuned"):
+        print(f"Exported the untuned base {status['baseline']['model']} (the pick: no trial beat it; no adapter) "
+              f"to {out}")
+    else:
+        print(f"Exported trial {exported['trial']} to {out}{merged}")
     return 0
 
 
@@ -326,14 +351,27 @@ def cmd_contamination(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from sweep.contamination import format_report, overlap_report
+    from sweep.contamination import format_report, format_shared, hub_unreachable, overlap_report, shared_datasets
     from sweep.scheduler import prepare_tasks
+    from sweep.worker import failure_reason
 
     config = _config(args.config, args.overrides)
-    with tempfile.TemporaryDirectory(prefix="sweep-contamination-") as work:
-        rows, _ = overlap_report(config, prepare_tasks(config, Path(work)))
+    shared = shared_datasets(config)  # needs no data: shown even when the 13-gram check cannot run
+    if shared and args.format == "table":
+        print(format_shared(shared) + "\n", flush=True)
+    rows, skipped = [], None
+    try:
+        with tempfile.TemporaryDirectory(prefix="sweep-contamination-") as work:
+            rows, _ = overlap_report(config, prepare_tasks(config, Path(work)))
+    except Exception as e:
+        if not (shared and hub_unreachable(e)):  # nothing to show, or a real fault: the error, as any command's
+            raise
+        skipped = failure_reason(e)
     if args.format == "json":
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        print(json.dumps({"shared_datasets": [r.as_record() for r in shared], "overlaps": [r.__dict__ for r in rows],
+                          "overlaps_skipped": skipped}, indent=2))
+    elif skipped:
+        print(f"13-gram check skipped (it needs every source's rows and every task's documents): {skipped}")
     else:
         print(format_report(rows))
     return 0
@@ -524,11 +562,16 @@ def format_table(status: dict) -> str:
     header = ["#", "state", "value", *others, *[p.split(".")[-1] for p in param_names],
               "train s", "tok/s", "peak GiB", "full run h", "note"]
     rows = []
+    pick = status.get("pick")
+    if base and base.get("values"):  # the untuned base: a candidate for the pick, never a trial of the sampler
+        rows.append(["base", "UNTUNED", f"{base['value']:.4f}", *[_number(base["values"].get(s), "{:.4f}")
+                     for s in others], *[""] * len(param_names), "", "", "", "",
+                     "<- pick (no adapter)" if pick and pick.get("untuned") else ""])
     for t in status["trials"]:
         note = t.get("fail_reason") or ("infeasible" if t.get("feasible") is False else "")
         if t["state"] == "PRUNED" and t.get("train_steps"):
             note = f"pruned at step {t['train_steps']}"
-        if status.get("pick") and status["pick"]["number"] == t["number"]:
+        if pick and not pick.get("untuned") and pick["number"] == t["number"]:
             note = "<- pick" + (f"; {note}" if note else "")
         rows.append([
             str(t["number"]), t["state"], "" if t["value"] is None else f"{t['value']:.4f}",
@@ -545,12 +588,16 @@ def format_table(status: dict) -> str:
     if best:
         on = f" on {status['optimize']}" if status.get("optimize") else ""
         lines.append(f"Best{on}: trial {best['number']} value={best['value']:.4f} adapter={best['adapter_dir']}")
-    pick = status.get("pick")
-    if pick and status.get("pick_by"):
+    from sweep.export import pick_label
+
+    if pick and pick.get("untuned") and not status.get("pick_by"):
+        lines.append(f"Pick (best on {status.get('optimize')}, the untuned base included): the untuned base "
+                     f"{_fmt_values(pick['values'])}: no trial beat it")
+    elif pick and status.get("pick_by"):
         rho = status.get("rank_correlation")
         lines.append(
-            f"Pick (best on {status['pick_by']} among the top {status['top_k']} on {status['optimize']}): "
-            f"trial {pick['number']} {_fmt_values(pick['values'])}"
+            f"Pick (best on {status['pick_by']} among the top {status['top_k']} on {status['optimize']}, the "
+            f"untuned base included): {pick_label(pick)} {_fmt_values(pick['values'])}"
             + (f"; rank correlation {status['optimize']}/{status['pick_by']} = {rho:.2f}" if rho is not None else "")
         )
     return "\n".join(lines)

@@ -269,6 +269,12 @@ class SweepConfig:
         default_factory=dict,
     )
     orchestration: OrchestrationConfig = doc("Where and how trials run.", default_factory=OrchestrationConfig)
+    enqueue: list[dict[str, Any]] = doc(
+        "Parameter sets the study runs first, in order (Optuna's `enqueue_trial`): each maps search-space keys "
+        "to values within their ranges; keys left out are sampled. A known recipe's settings, say. Enqueued "
+        "once: a set the study already ran or holds waiting is not added again.",
+        default_factory=list,
+    )
 
     def validate(self) -> None:
         sources = {s.name: s for s in self.data.sources}
@@ -301,6 +307,10 @@ class SweepConfig:
         for path, space in self.search_space.items():
             _check_searchable(self, path, space)
         _check_batch_tokens(self)
+        for i, params in enumerate(self.enqueue):
+            problem = enqueue_problem(params, self.search_space)
+            if problem:
+                raise ValueError(f"enqueue.{i}.{problem}")
 
 
 def _check_batch_tokens(config: SweepConfig) -> None:
@@ -339,14 +349,20 @@ def task_keys(config: EvalConfig):
             yield f"suites.{name}.tasks.{i}", task
 
 
-SEARCHABLE_SECTIONS = ("trainer", "data")
+SEARCHABLE_SECTIONS = ("trainer", "data", "model")
+SEARCHABLE_MODEL_KEYS = ("quant_type", "double_quant")
+"""Of the model section, only how the base is quantized can be searched (one study, one base model)."""
 
 
 def _check_searchable(config: SweepConfig, path: str, space: ParamSpace) -> None:
     key = f"search_space.{path}"
     section, _, rest = path.partition(".")
     if section not in SEARCHABLE_SECTIONS or not rest:
-        raise ValueError(f"{key}: only trainer.* and data.* settings can be searched")
+        raise ValueError(f"{key}: only trainer.*, data.* and model.quant_type / model.double_quant settings can "
+                         "be searched")
+    if section == "model" and rest not in SEARCHABLE_MODEL_KEYS:
+        raise ValueError(f"{key}: of the model section only {', '.join(SEARCHABLE_MODEL_KEYS)} can be searched "
+                         "(a study has one base model)")
     mix_source = rest.removeprefix("mix.") if rest.startswith("mix.") and section == "data" else None
     if mix_source is not None:
         if mix_source not in {s.name for s in config.data.sources}:
@@ -367,8 +383,56 @@ def _check_searchable(config: SweepConfig, path: str, space: ParamSpace) -> None
             raise ValueError(f"{key}: value {value!r} is invalid for {path} ({e})") from None
 
 
+def coerce_value(value: Any, space: ParamSpace) -> Any:
+    """`value` as `space` holds it: a number written as a string (YAML 1.1 reads 5e-5 as one) as a float, an
+    integral float of an int space as an int."""
+    if space.type == "categorical":
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if space.type == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def value_problem(value: Any, space: ParamSpace) -> Optional[str]:
+    """Why `value` is not one `space` can take (a choice, an integer or a number within its bounds), or None."""
+    value = coerce_value(value, space)
+    if space.type == "categorical":
+        if not any(value == c and type(value) is type(c) or (_is_number(value) and _is_number(c) and value == c)
+                   for c in space.choices):
+            return f"{value!r} is not one of the choices {space.choices}"
+        return None
+    if not _is_number(value):
+        return f"{value!r} is not a number"
+    if space.type == "int" and not float(value).is_integer():
+        return f"{value!r} is not an integer"
+    if not space.low <= value <= space.high:
+        return f"{value!r} is outside [{space.low:g}, {space.high:g}]"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def enqueue_problem(params: dict[str, Any], search_space: dict[str, ParamSpace]) -> Optional[str]:
+    """Why a parameter set cannot be enqueued in a study of `search_space`, as `<key>: <why>`, or None."""
+    for key, value in params.items():
+        space = search_space.get(key)
+        if space is None:
+            return f"{key}: not a key of search_space (enqueued parameters are searched ones)"
+        problem = value_problem(value, space)
+        if problem:
+            return f"{key}: {problem} of search_space.{key}"
+    return None
+
+
 def with_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
-    """The config of one trial: the sampled values (dotted paths under trainer. and data.) in place."""
+    """The config of one trial: the sampled values (dotted paths under trainer., data. and model.) in place."""
     sections: dict[str, dict[str, Any]] = {}
     for path, value in params.items():
         section, _, rest = path.partition(".")

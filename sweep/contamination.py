@@ -7,6 +7,11 @@ task), the training examples that share a 13-gram with the task's documents.
 Documents come from lm-eval itself (`Task.eval_docs`, rendered with the task's
 own `doc_to_text` and target), so local and hub tasks are read the same way.
 Texts shorter than 13 words have no 13-gram and never overlap.
+
+A coarser check needs no data at all: a hub source whose dataset is the one an
+evaluation task reads (lm-eval's `dataset_path`, from the task's YAML) trains on
+the very dataset being scored (`shared_datasets`). It runs offline, before
+anything is downloaded, when the 13-gram check cannot.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -34,6 +40,172 @@ class Overlap:
     """Training examples of `source` sharing a 13-gram with the task's documents."""
     source_examples: int
     task_docs: int
+
+
+@dataclass(frozen=True)
+class SharedDataset:
+    """A hub source that is the dataset an evaluation task reads: training on the dataset being scored."""
+
+    source: str
+    task: str
+    dataset: str
+    """The source's dataset id, as the config writes it."""
+    task_dataset: str
+    """The dataset the task reads (its `dataset_path`), which `dataset` names up to case or the org prefix."""
+    trained_split: str
+    scored_split: Optional[str]
+    """The split lm-eval scores (the task's test split, else its validation split; a group's subtasks may
+    score several: comma-separated); None when the task's YAML does not say."""
+
+    @property
+    def same_split(self) -> bool:
+        """Whether the split trained on is one the task scores: the very documents scored are trained on."""
+        return self.scored_split is not None and self.trained_split in self.scored_split.split(",")
+
+    def as_record(self) -> dict:
+        return {**self.__dict__, "same_split": self.same_split}
+
+    def describe(self) -> str:
+        same = ": the same split" if self.same_split else ""
+        return (f"source {self.source} trains on {self.dataset}, the dataset task {self.task} reads (split "
+                f"{self.trained_split} trained, {self.scored_split or 'unknown'} scored{same})")
+
+
+def shared_datasets(config: SweepConfig) -> list[SharedDataset]:
+    """Each (hub source, lm-eval task) pair where the source's dataset is one the task reads.
+
+    Reads lm-eval's task index only (YAML, no dataset): it answers offline. A
+    group (or tag) counts when any of its subtasks reads the dataset. Ids match
+    case-insensitively, and a bare name matches any org's (`gsm8k` is
+    `openai/gsm8k`); two different orgs do not match, nor does a local path.
+    """
+    sources = [s for s in config.data.sources if s.kind == "hub" and s.dataset]
+    tasks = [t for t in config.evaluator.all_tasks() if not t.is_local]
+    if not sources or not tasks:
+        return []
+    from evaluator.harness import task_manager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    index = task_manager(tasks, None).task_index
+    rows = []
+    for task in tasks:
+        leaves = [c for c in _leaf_configs(index, task.name) if isinstance(c.get("dataset_path"), str)]
+        for source in sources:
+            matched = [c for c in leaves if _same_dataset(source.dataset, c["dataset_path"])]
+            if not matched:
+                continue
+            splits = sorted({split for c in matched if isinstance(split := _scored_split(c), str)})
+            rows.append(SharedDataset(source.name, task.name, source.dataset, matched[0]["dataset_path"],
+                                      source.split, ",".join(splits) or None))
+    return rows
+
+
+def _leaf_configs(index, item, overrides: Optional[dict] = None, base_dir: Optional[Path] = None,
+                  depth: int = 0) -> Iterator[dict]:
+    """The config of every task `item` (a name, or a group's entry) stands for, as lm-eval's TaskFactory builds
+    groups: a name is a task, a group (its `task` list) or a tag (its tasks); a dict refers to a registered
+    task or group with overrides, or defines one inline (its `include` read relative to the group's YAML)."""
+    if depth > 16:  # a cycle of groups: lm-eval refuses it when loading
+        return
+    overrides = overrides or {}
+    if isinstance(item, dict):
+        rest = {k: v for k, v in item.items() if k not in ("task", "group")}
+        name = item.get("group", item.get("task"))
+        if isinstance(name, str) and name in index:
+            yield from _leaf_configs(index, name, {**overrides, **rest}, base_dir, depth + 1)
+        elif "group" in item:
+            for child in _as_list(item.get("task")):
+                yield from _leaf_configs(index, child, overrides, base_dir, depth + 1)
+        else:
+            included = _task_yaml(base_dir / rest.pop("include")) if base_dir and "include" in rest else {}
+            yield {**included, **overrides, **rest}
+        return
+    entry = index.get(item) if isinstance(item, str) else None
+    if entry is None:
+        return
+    base_dir = entry.yaml_path.parent if entry.yaml_path else base_dir
+    kind = entry.kind.name  # lm-eval's Kind: TASK, PY_TASK, GROUP, TAG
+    if kind == "TAG":
+        for name in sorted(entry.tags):
+            yield from _leaf_configs(index, name, overrides, base_dir, depth + 1)
+    elif kind == "GROUP":
+        for child in _as_list((entry.cfg or {}).get("task")):
+            yield from _leaf_configs(index, child, overrides, base_dir, depth + 1)
+    else:
+        yield {**(entry.cfg or {}), **overrides}
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value] if value is not None else []
+
+
+def _task_yaml(path: Path, depth: int = 0) -> dict:
+    """A task YAML with its includes merged (theirs first), `!function` values read as None."""
+    import yaml
+
+    loader = type("_TaskLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda _loader, _node: None)
+    try:
+        cfg = yaml.load(path.read_text(), Loader=loader)  # noqa: S506 - a SafeLoader
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    merged: dict = {}
+    for include in _as_list(cfg.pop("include", None)):
+        if depth < 8 and isinstance(include, str):
+            merged.update(_task_yaml(path.parent / include, depth + 1))
+    return {**merged, **cfg}
+
+
+def _scored_split(cfg: dict) -> Optional[str]:
+    # lm-eval scores the test documents when a task has them, else the validation ones.
+    return cfg.get("test_split") or cfg.get("validation_split")
+
+
+def _hub_id(dataset: str) -> Optional[tuple[Optional[str], str]]:
+    """(org, name) of a hub dataset id, lowercased (org None for a bare name); None for a local path."""
+    text = dataset.strip().lower().rstrip("/")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
+        return None
+    org, _, name = text.rpartition("/")
+    return org or None, name
+
+
+def _same_dataset(source_dataset: str, task_dataset: str) -> bool:
+    if source_dataset.strip().lower() == task_dataset.strip().lower():
+        return True
+    a, b = _hub_id(source_dataset), _hub_id(task_dataset)
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    return a[0] is None or b[0] is None or a[0] == b[0]
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or one it came from) is the hub out of reach: offline mode, no connection, or a file
+    that is neither in the local cache nor downloadable. Other errors are real faults."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = 0
+    while error is not None and seen < 16:
+        # datasets raises the built-in ConnectionError; httpx's and requests' connection errors are not one.
+        if isinstance(error, (ConnectionError, TimeoutError, LocalEntryNotFoundError)) or type(error).__name__ in (
+            "ConnectError", "ConnectTimeout", "OfflineModeIsEnabled"
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def format_shared(rows: list[SharedDataset]) -> str:
+    """The dataset-level rows as a table under one line saying what they mean."""
+    header = ["source", "task", "dataset", "trained split", "scored split"]
+    body = [[r.source, r.task, r.dataset if r.dataset.lower() == r.task_dataset.lower()
+             else f"{r.dataset} ({r.task_dataset})", r.trained_split,
+             (r.scored_split or "unknown") + (" (same)" if r.same_split else "")] for r in rows]
+    title = "Training sources that are the dataset an evaluation task reads:"
+    return title + "\n" + _table(header, body)
 
 
 def task_documents(tasks: list[TaskConfig], task_dir: str | Path) -> dict[str, list[str]]:
@@ -134,5 +306,9 @@ def load_ngrams(path: str | Path) -> frozenset[int]:
 def format_report(rows: list[Overlap]) -> str:
     header = ["source", "task", "overlapping examples", "source examples", "task docs"]
     body = [[r.source, r.task, str(r.overlapping), str(r.source_examples), str(r.task_docs)] for r in rows]
+    return _table(header, body)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in [header, *body])

@@ -47,7 +47,8 @@ def study_status(study, store: Store) -> dict[str, Any]:
     baseline = store.baseline(study.study_name)
     attrs = study.user_attrs
     optimize, pick_by, top_k = attrs.get("optimize"), attrs.get("pick_by"), attrs.get("top_k", 1)
-    pick = pick_submission(trials, optimize, pick_by, top_k, maximize=study.direction.name == "MAXIMIZE")
+    pick = pick_submission(trials, optimize, pick_by, top_k, maximize=study.direction.name == "MAXIMIZE",
+                           base=base_row(baseline))
     return {
         "study": study.study_name,
         "direction": study.direction.name.lower(),
@@ -57,7 +58,8 @@ def study_status(study, store: Store) -> dict[str, Any]:
         "top_k": top_k,
         "pick": None if pick is None else {
             "number": pick["number"], "value": pick["value"], "values": pick["values"],
-            "params": pick["params"], "adapter_dir": pick["adapter_dir"],
+            "params": pick["params"], "adapter_dir": pick["adapter_dir"], "untuned": bool(pick.get("untuned")),
+            **({"model": pick["model"]} if pick.get("untuned") else {}),
         },
         "rank_correlation": rank_correlation(trials, optimize, pick_by),
         "trials": trials,
@@ -72,9 +74,29 @@ def study_status(study, store: Store) -> dict[str, Any]:
             "values": baseline.get("values"), "stderrs": baseline.get("stderrs"),
             "num_docs": baseline.get("num_docs"), "eval_seconds": baseline.get("eval_seconds"),
         },
+        "baseline_base": attrs.get("baseline_base"),
         "budget_hours": attrs.get("budget_hours"),
         "hours_unit": attrs.get("hours_unit", "GPU-hours"),
     }
+
+
+def base_row(baseline: Optional[dict]) -> Optional[dict]:
+    """The untuned base as a row the pick can choose: its suite values beside the trials' (it is no trial:
+    `number` None, `untuned` True, no adapter), or None when it was not scored."""
+    if not baseline or not baseline.get("values"):
+        return None
+    return {
+        "number": None, "untuned": True, "state": "COMPLETE", "feasible": True, "model": baseline["model"],
+        "value": baseline["value"], "values": dict(baseline["values"]), "scores": dict(baseline["scores"]),
+        "params": {}, "adapter_dir": None,
+    }
+
+
+def pick_label(pick: Optional[dict]) -> str:
+    """`trial 5`, or `the untuned base` when the base is the pick."""
+    if pick is None:
+        return "none"
+    return "the untuned base" if pick.get("untuned") else f"trial {pick['number']}"
 
 
 def candidates(trials: list[dict], *suites: Optional[str]) -> list[dict]:
@@ -87,25 +109,34 @@ def candidates(trials: list[dict], *suites: Optional[str]) -> list[dict]:
 
 
 def pick_submission(
-    trials: list[dict], optimize: Optional[str], pick_by: Optional[str], top_k: int, maximize: bool = True
+    trials: list[dict], optimize: Optional[str], pick_by: Optional[str], top_k: int, maximize: bool = True,
+    base: Optional[dict] = None,
 ) -> Optional[dict]:
     """The submission: the best on `pick_by` among the `top_k` best on `optimize` (feasible, COMPLETE).
 
     Without `pick_by` it is the best on `optimize`. Ties go to the better
-    `optimize` value, then the earlier trial.
+    `optimize` value, then the earlier trial. `base` (`base_row`), the untuned
+    base, is a candidate like a trial (it takes a place in the top k by its
+    `optimize` value) but wins only where it is strictly better: a tie goes to
+    the trial. With no trial COMPLETE the pick is None, whatever the base.
     """
     sign = 1.0 if maximize else -1.0
     eligible = candidates(trials, optimize, pick_by)
     if not eligible:
         return None
+    if base is not None and candidates([base], optimize, pick_by):
+        eligible = [*eligible, base]
 
     def on(suite):
         return lambda t: sign * (t["values"][suite] if suite else t["value"])
 
-    top = sorted(eligible, key=lambda t: (-on(optimize)(t), t["number"]))[: max(1, top_k)]
+    def order(t):  # the base after every trial of equal value
+        return float("inf") if t.get("untuned") else t["number"]
+
+    top = sorted(eligible, key=lambda t: (-on(optimize)(t), order(t)))[: max(1, top_k)]
     if pick_by is None:
         return top[0]
-    return min(top, key=lambda t: (-on(pick_by)(t), -on(optimize)(t), t["number"]))
+    return min(top, key=lambda t: (-on(pick_by)(t), -on(optimize)(t), order(t)))
 
 
 def rank_correlation(trials: list[dict], first: Optional[str], second: Optional[str]) -> Optional[float]:
@@ -171,6 +202,11 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
 
     out = Path(out_dir)
     check_out(out, force)
+    if which == "pick" and (status.get("pick") or {}).get("untuned"):
+        if merge is not None:
+            raise ValueError("--merge: the pick is the untuned base, which has no adapter to merge (its export "
+                             "names the base; `sweep serve` loads it)")
+        return export_base(status, out, quiet=quiet)
     trial_number = _trial_to_export(status, which)
     trial = next((t for t in status["trials"] if t["number"] == trial_number), None)
     if trial is None:
@@ -214,11 +250,51 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     return out
 
 
+BASE_EXPORT_FILE = "base_model.json"
+"""What an export of the untuned base holds instead of an adapter: the base's id, revision and how it was scored."""
+
+
+def export_base(status: dict[str, Any], out: Path, quiet: bool = False) -> Path:
+    """Writes the untuned base's submission to `out`, all or nothing: `base_model.json` (the base's id and
+    revision, and the quantization and mode it was scored in), its tokenizer, scores.json, environment.json
+    and a README.md model card that says there is no adapter. `sweep serve` serves it."""
+    from sweep.submission import base_model_card, package_versions
+    from sweep.worker import output_to
+    from trainer.model import load_tokenizer
+
+    baseline = status.get("baseline") or {}
+    scored = status.get("baseline_base") or {}
+    model = dict(scored.get("model") or {"name_or_path": baseline.get("model")})
+    if not model.get("name_or_path"):
+        raise ValueError(f"study {status['study']!r}: the baseline does not name its base model")
+    from sweep.submission import model_config_of
+
+    model_config = model_config_of({"model": model})
+    record = {"base_model": model_config.name_or_path, "revision": model_config.revision,
+              "model": model, "mode": scored.get("mode", "qlora"), "study": status["study"]}
+    scores = {"study": status["study"], "trial": None, "untuned": True, "value": baseline.get("value"),
+              "values": baseline.get("values"), "scores": baseline.get("scores"), "baseline": baseline}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        with output_to(os.devnull if quiet else None):
+            (staging / BASE_EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+            (staging / "environment.json").write_text(json.dumps(package_versions(), indent=2) + "\n")
+            load_tokenizer(model_config).save_pretrained(staging)
+            (staging / "README.md").write_text(base_model_card(status, record))
+        ordinary_modes(staging)
+        move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def _write_submission(staging: Path, src: Path, status: dict, trial: dict, scores: dict, hyperparameters: dict,
                       model_config, merge: Optional[str], device: Optional[str]) -> None:
     import yaml
 
-    from sweep.submission import merged_model, model_card, package_versions, reproduce_config
+    from sweep.submission import merged_model, mode_of, model_card, package_versions, reproduce_config
     from trainer.model import load_tokenizer
 
     for name in ADAPTER_FILES:
@@ -231,7 +307,7 @@ def _write_submission(staging: Path, src: Path, status: dict, trial: dict, score
     (staging / "config.yaml").write_text(yaml.safe_dump(reproduce_config(hyperparameters), sort_keys=False))
     (staging / "README.md").write_text(model_card(status, trial, hyperparameters, merge))
     if merge is not None:
-        merged = merged_model(src, model_config, merge, device)
+        merged = merged_model(src, model_config, merge, device, mode=mode_of(hyperparameters))
         merged.save_pretrained(staging / "merged")
         tokenizer.save_pretrained(staging / "merged")
 

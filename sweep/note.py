@@ -31,14 +31,23 @@ def study_note(status: dict[str, Any], now: Optional[dt.datetime] = None) -> str
         why = (f"the best on **{pick_by}** among the top {top_k} trials on **{optimize}**, the objective: it is "
                f"chosen on tasks the search did not tune on"
                if pick_by and pick_by != optimize else f"the best on **{optimize}**")
-        lines += [f"## Pick: trial {pick['number']}", "", f"Trial {pick['number']} is the submission, {why}.", "",
-                  f"{_values(pick['values'])}" + (f" (baseline: {_values(baseline['values'])})"
-                                                   if baseline and baseline.get("values") else ""),
-                  "", f"Export it with `sweep export --study {status['study']} --pick --out DIR`."]
+        if pick.get("untuned"):
+            lines += ["## Pick: the untuned base", "",
+                      f"The untuned base {pick.get('model', '')} is the submission, {why}: no trial beat it. "
+                      "It was scored once, as the baseline, outside the sampler's trials.", "",
+                      _values(pick["values"]), "",
+                      f"Export it with `sweep export --study {status['study']} --pick --out DIR` (the base's id "
+                      "and a model card, no adapter)."]
+        else:
+            lines += [f"## Pick: trial {pick['number']}", "", f"Trial {pick['number']} is the submission, {why}.",
+                      "", f"{_values(pick['values'])}" + (f" (baseline: {_values(baseline['values'])})"
+                                                          if baseline and baseline.get("values") else ""),
+                      "", f"Export it with `sweep export --study {status['study']} --pick --out DIR`."]
         best = dashboard_best(status)
-        if best is not None and best["number"] != pick["number"]:
+        if best is not None and (pick.get("untuned") or best["number"] != pick["number"]):
+            chosen = "the untuned base" if pick.get("untuned") else f"trial {pick['number']}"
             lines += ["", f"> The dashboard's **Best Trial** is trial {best['number']}: the best on {optimize} "
-                          f"alone. The pick is trial {pick['number']}."]
+                          f"alone, among the trials. The pick is {chosen}."]
     lines += _top_table(status, optimize, pick_by, top_k)
     rho = status.get("rank_correlation")
     if rho is not None:
@@ -57,19 +66,29 @@ def study_note(status: dict[str, Any], now: Optional[dt.datetime] = None) -> str
 
 
 def _top_table(status: dict[str, Any], optimize: Optional[str], pick_by: Optional[str], top_k: int) -> list[str]:
-    from sweep.export import candidates
+    from sweep.export import base_row, candidates
 
     sign = 1.0 if status["direction"] == "maximize" else -1.0
-    ranked = sorted(candidates(status["trials"], optimize, pick_by),
-                    key=lambda t: (-sign * (t["values"][optimize] if optimize else t["value"]), t["number"]))
+    rows = candidates(status["trials"], optimize, pick_by)
+    base = base_row(status.get("baseline"))
+    if rows and base is not None and candidates([base], optimize, pick_by):
+        rows.append(base)  # a candidate for the pick like the trials (after them on a tie)
+    ranked = sorted(rows, key=lambda t: (-sign * (t["values"][optimize] if optimize else t["value"]),
+                                         float("inf") if t.get("untuned") else t["number"]))
     top = ranked[:top_k]
     if not top:
         return []
     suites = [s for s in (optimize, pick_by) if s]
     params = sorted({p for t in top for p in t["params"]})
     header = ["trial", *suites, *[p.split(".")[-1] for p in params]]
-    pick = (status.get("pick") or {}).get("number")
-    rows = [[f"**{t['number']}** (pick)" if t["number"] == pick else str(t["number"]),
+    pick = status.get("pick") or {}
+
+    def name(t):
+        label = "base (untuned)" if t.get("untuned") else str(t["number"])
+        chosen = t.get("untuned") if pick.get("untuned") else not t.get("untuned") and t["number"] == pick.get("number")
+        return f"**{label}** (pick)" if pick and chosen else label
+
+    rows = [[name(t),
              *[f"{t['values'][s]:.4f}" for s in suites], *[_cell(t["params"].get(p)) for p in params]] for t in top]
     return ["", f"### Top {len(top)} on {optimize}", "", "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]

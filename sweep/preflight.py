@@ -196,11 +196,28 @@ def warn_model_size(config: SweepConfig, profile: GpuProfile, model_config) -> N
         log.warning("Model %s has %.1fB parameters: on the cpu profile a trial takes hours to days; "
                     "run on a GPU with --gpu (a100, h100, ...)", name, count / 1e9)
     elif profile.memory_cap_gib is not None:
-        weights_gib = count * 0.56 / 2**30  # 4-bit weights, with their quantization constants and a 16-bit rest
+        form = min(base_formats(config), key=BYTES_PER_PARAMETER.__getitem__)  # the smallest the space allows
+        weights_gib = count * BYTES_PER_PARAMETER[form] / 2**30
         if weights_gib > profile.memory_cap_gib:
-            log.warning("Model %s has %.1fB parameters: its 4-bit weights alone (about %.0f GiB) exceed the "
-                        "%s profile's %.0f GiB", name, count / 1e9, weights_gib, profile.name,
+            log.warning("Model %s has %.1fB parameters: its %s weights alone (about %.0f GiB) exceed the "
+                        "%s profile's %.0f GiB", name, count / 1e9, form, weights_gib, profile.name,
                         profile.memory_cap_gib)
+
+
+BYTES_PER_PARAMETER = {"nf4": 0.56, "fp4": 0.56, "int8": 1.06, "16-bit": 2.0}
+"""A base's weights in memory, per parameter: the quantized linear layers with their quantization constants,
+and the rest (embeddings, norms) in 16 bits."""
+
+
+def base_formats(config: SweepConfig) -> set[str]:
+    """Every base format (`trainer.model.base_format`) a trial of the config may train on: the config's, and
+    those its search space's `trainer.mode` and `model.quant_type` choices give."""
+    from trainer.model import base_format
+
+    space = config.search_space
+    modes = space["trainer.mode"].choices if "trainer.mode" in space else [config.trainer.mode]
+    quants = space["model.quant_type"].choices if "model.quant_type" in space else [config.model.quant_type]
+    return {base_format(dataclasses.replace(config.model, quant_type=q), m) for m in modes for q in quants}
 
 
 # --- the tasks --------------------------------------------------------------

@@ -85,7 +85,8 @@ def trial_attributes(record: TrialRecord) -> dict[str, Any]:
 
     `<suite>_value` for each suite (`open_value`, `heldout_value`), `score.<task>` for each task, the
     measurements (`tokens_per_second`, `peak_memory_gib`, `projected_full_run_hours`, `feasible`,
-    `train_seconds`, `eval_seconds`), and `adapter_dir` (COMPLETE) or `fail_reason` (FAIL).
+    `train_seconds`, `eval_seconds`), the base's `mode` and `quantization` (and `base_swapped_from` when
+    its slot swapped bases for it), and `adapter_dir` (COMPLETE) or `fail_reason` (FAIL).
     """
     attrs: dict[str, Any] = {}
     for suite, value in (record.values or {}).items():
@@ -96,6 +97,11 @@ def trial_attributes(record: TrialRecord) -> dict[str, Any]:
             attrs[name] = round(float(value), digits)
     if record.feasible is not None:
         attrs["feasible"] = bool(record.feasible)
+    if record.base:
+        attrs["mode"] = record.base.get("mode")
+        attrs["quantization"] = record.base.get("quantization")
+        if record.base.get("swapped_from"):
+            attrs["base_swapped_from"] = record.base["swapped_from"]
     for task, value in sorted(record.scores.items()):
         attrs[f"score.{task}"] = value
     if record.state == "COMPLETE":

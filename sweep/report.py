@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from sweep.export import candidates
+from sweep.export import candidates, pick_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -150,8 +150,10 @@ def plot_history(status: dict[str, Any]) -> "Figure":
     _baseline_line(ax, status)
     pick = status.get("pick")
     if pick is not None and pick.get("value") is not None:
-        ax.scatter([pick["number"]], [pick["value"]], marker="*", s=320, color=PICK_COLOR, edgecolors="black",
-                   linewidths=0.8, label=f"pick: trial {pick['number']}", zorder=6)
+        # The untuned base is no trial: its star sits on the baseline, left of trial 0.
+        x = -0.6 if pick.get("untuned") else pick["number"]
+        ax.scatter([x], [pick["value"]], marker="*", s=320, color=PICK_COLOR, edgecolors="black",
+                   linewidths=0.8, label=f"pick: {pick_label(pick)}", zorder=6)
     _integer_ticks(ax)
     ax.set_xlabel("trial number")
     ax.set_ylabel(f"objective: {status.get('optimize') or 'value'}")
@@ -254,8 +256,8 @@ def _suites_pick(ax: "Axes", status: dict[str, Any], x_suite: str, y_suite: str)
         return
     point = (values[x_suite], values[y_suite])
     ax.scatter(*point, marker="*", s=320, color=PICK_COLOR, edgecolors="black", linewidths=0.8,
-               label=f"pick: trial {pick['number']}", zorder=6)
-    ax.annotate(f"pick: trial {pick['number']}", point, textcoords="offset points", xytext=(9, -13),
+               label=f"pick: {pick_label(pick)}", zorder=6)
+    ax.annotate(f"pick: {pick_label(pick)}", point, textcoords="offset points", xytext=(9, -13),
                 fontsize=9, fontweight="bold", color=PICK_COLOR)
 
 
@@ -328,10 +330,17 @@ def _smooth(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
 
 
 def plot_task_scores(status: dict[str, Any]) -> "Figure":
-    """The pick's score on each task beside the baseline's, as grouped bars with standard-error bars."""
+    """The pick's score on each task beside the baseline's, as grouped bars with standard-error bars. Where the
+    untuned base is the pick, the best trial on the objective stands beside it instead."""
     pick = status.get("pick")
     if pick is None:
         raise NothingToPlot("There is no pick (no COMPLETE feasible trial) to compare with the baseline.")
+    if pick.get("untuned"):
+        pick = status.get("best")
+        if pick is None:
+            raise NothingToPlot("The untuned base is the pick and no trial is COMPLETE to set beside it.")
+        values = next((t.get("values") for t in status["trials"] if t["number"] == pick["number"]), None)
+        pick = {**pick, "values": values, "shown": "best on the objective; the pick is the untuned base"}
     trial = next((t for t in status["trials"] if t["number"] == pick["number"]), {})
     scores = trial.get("scores") or {}
     baseline = status.get("baseline") or {}
@@ -343,8 +352,10 @@ def plot_task_scores(status: dict[str, Any]) -> "Figure":
     positions = list(range(len(tasks)))
     width = 0.4 if base_scores else 0.6
     offset = width / 2 if base_scores else 0.0
+    shown = pick.get("shown", "pick")
+    label = f"pick: trial {pick['number']}" if shown == "pick" else f"trial {pick['number']}, {shown}"
     _bars(ax, [p - offset for p in positions], tasks, scores, trial.get("stderrs") or {}, width, PICK_COLOR,
-          f"pick: trial {pick['number']} ({_values_text(pick.get('values'))})")
+          f"{label} ({_values_text(pick.get('values'))})")
     if base_scores:
         _bars(ax, [p + offset for p in positions], tasks, base_scores, baseline.get("stderrs") or {}, width,
               BASELINE_COLOR, f"baseline ({_values_text(baseline.get('values'))})")
@@ -352,7 +363,7 @@ def plot_task_scores(status: dict[str, Any]) -> "Figure":
     ax.grid(axis="x", visible=False)
     ax.set_ylim(0, _bar_top(ax) * 1.25)  # room for the legend above the bars
     ax.set_ylabel("score")
-    ax.set_title(f"Trial {pick['number']} (pick) against the baseline, by task", loc="left")
+    ax.set_title(f"Trial {pick['number']} ({shown}) against the baseline, by task", loc="left")
     ax.legend(fontsize="small", framealpha=0.9)
     return fig
 
@@ -620,7 +631,9 @@ def pick_line(status: dict[str, Any]) -> str:
         rule = f"best on {pick_by} among the top {top_k} on {optimize or 'the objective'}"
     else:
         rule = f"best on {optimize or 'the objective'}"
-    return f"Pick: trial {pick['number']} — {rule}"
+    return f"Pick: {pick_label(pick)} — {rule}" + (", the untuned base included: no trial beat it; export it "
+                                                   "for the base's id and a card, no adapter"
+                                                   if pick.get("untuned") else "")
 
 
 def _values_table_html(status: dict[str, Any]) -> str:
@@ -638,7 +651,7 @@ def _values_table_html(status: dict[str, Any]) -> str:
         rows.append([suite, _fmt(mine), _fmt(theirs), delta])
     model = (status.get("baseline") or {}).get("model")
     base_head = f"baseline ({model})" if model else "baseline (none)"
-    return _table(["suite", f"pick: trial {pick['number']}", base_head, "difference"], rows, css="values")
+    return _table(["suite", f"pick: {pick_label(pick)}", base_head, "difference"], rows, css="values")
 
 
 def _counts_text(status: dict[str, Any]) -> str:

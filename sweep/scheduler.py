@@ -109,6 +109,8 @@ class SweepOutcome:
     None when it did not."""
     last_failure: Optional[str] = None
     """The reason of this start's last FAIL."""
+    pick_untuned: bool = False
+    """The study's pick is the untuned base (`sweep.export.pick_submission`): no trial beat it."""
 
     @property
     def all_failed(self) -> bool:
@@ -218,6 +220,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([evaluator.objective_suite])  # the dashboard names the objective after its suite
     recover_trials(study, store, lease, orchestration.heartbeat_seconds, orchestration.max_retries)
+    enqueue_trials(study, config)
     n_trials = _trials_to_run(study, store, lease, n_trials)
     task_dir = str(prepare_tasks(config, work_dir))
     pool = SlotPool(concurrency, _remote_options(profile, cpus_per_trial), orchestration.resident_base,
@@ -260,7 +263,39 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         ray.kill(run.mailbox)
     best = best_trial(study)
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None,
-                        failed=driver.progress.failed, failure=driver.failure, last_failure=driver.last_failure)
+                        failed=driver.progress.failed, failure=driver.failure, last_failure=driver.last_failure,
+                        pick_untuned=_pick_is_untuned(study, store))
+
+
+def _pick_is_untuned(study, store: Store) -> bool:
+    from sweep.export import study_status
+
+    try:
+        return bool((study_status(study, store).get("pick") or {}).get("untuned"))
+    except Exception as e:  # noqa: BLE001 - for the last line only: `sweep status` says it again
+        log.warning("The pick could not be read (%s)", failure_reason(e))
+        return False
+
+
+def enqueue_trials(study, config: SweepConfig) -> list[dict]:
+    """Puts the config's `enqueue` parameter sets in the study's queue, in order: the next trials run them.
+
+    A set the study already holds (run, running or waiting) is not added again, so a resumed study does not
+    repeat its recipes. Returns the sets added.
+    """
+    from sweep.config import coerce_value
+
+    added = []
+    before = len(study.get_trials(deepcopy=False))
+    for params in config.enqueue:
+        fixed = {k: coerce_value(v, config.search_space[k]) for k, v in params.items()}
+        study.enqueue_trial(fixed, skip_if_exists=True)
+        if len(study.get_trials(deepcopy=False)) > before:
+            before += 1
+            added.append(fixed)
+    if added:
+        log.info("Enqueued %d trial(s) to run first: %s", len(added), "; ".join(_fmt(p) for p in added))
+    return added
 
 
 def _trials_to_run(study, store: Store, lease: DriverLease, n_trials: int) -> int:
@@ -351,9 +386,20 @@ def check_contamination(config: SweepConfig, task_dir: str, work_dir: Path) -> O
     Returns the file of evaluation n-grams the workers drop examples by
     (with `data.drop_contaminated`), else None. A check that cannot run (an
     evaluation dataset out of reach) is a warning unless dropping was asked for.
+    Hub sources that are an evaluation task's dataset are warned about first,
+    n-gram check or not, and written to contamination-datasets.json.
     """
-    from sweep.contamination import cached_overlap_report
+    from sweep.contamination import cached_overlap_report, shared_datasets
 
+    try:
+        shared = shared_datasets(config)
+    except Exception as e:  # noqa: BLE001 - a report, like the n-gram one below
+        log.warning("Dataset-level contamination check skipped: %s", failure_reason(e))
+    else:
+        (work_dir / "contamination-datasets.json").write_text(
+            json.dumps([r.as_record() for r in shared], indent=2) + "\n")
+        for r in shared:
+            log.warning("Contamination: %s", r.describe())
     try:
         rows, grams_file = cached_overlap_report(config, task_dir, work_dir / "contamination")
     except Exception as e:  # noqa: BLE001 - the report must not stop a sweep that does not drop examples
@@ -394,7 +440,7 @@ def _run_baseline(run: _Run) -> None:
         model=config.model, eval=config.evaluator, task_dir=run.task_dir, num_threads=run.cpus_per_trial,
         log_file=str(run.work_dir / "baseline.log"), device=run.device,
         memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
-        host_memory_limit_gib=_host_memory_limit(run),
+        host_memory_limit_gib=_host_memory_limit(run), mode=config.trainer.mode,
     )
     try:
         result = ray.get(run.pool.actors[0].baseline.remote(spec))
@@ -409,14 +455,24 @@ def _run_baseline(run: _Run) -> None:
         run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds, values,
         stderrs=result.stderrs, num_docs=result.num_docs,
     )
+    # How the base was scored: an export of the untuned base (when it is the pick) loads it the same way.
+    run.study.set_user_attr("baseline_base", {"model": to_dict(config.model), "mode": config.trainer.mode})
     log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
     if run.trackers is not None:
         run.trackers.baseline(config.model.name_or_path, result.scores, values, result.stderrs)
 
 
-def _log_base_load(config: SweepConfig, seconds: Optional[float], slot: int) -> None:
-    if seconds is not None:
-        log.info("Loaded base %s in %.1fs (slot %d)", config.model.name_or_path, seconds, slot)
+def _log_base_load(config: SweepConfig, seconds: Optional[float], slot: int, base: Optional[dict] = None) -> None:
+    """The slot's base load (or swap, when the trial needed another format than the resident one) in the log."""
+    if seconds is None:
+        return
+    from trainer.model import base_label
+
+    form = f" ({base_label(base)})" if base else ""
+    if base and base.get("swapped_from"):
+        log.info("Slot %d swapped its base: %s -> %s, in %.1fs", slot, base["swapped_from"], base_label(base), seconds)
+    else:
+        log.info("Loaded base %s%s in %.1fs (slot %d)", config.model.name_or_path, form, seconds, slot)
 
 
 @dataclass
@@ -623,7 +679,7 @@ class _Driver:
         else:
             self._ended(flight, complete=not result.pruned)
             self.failure_streak.clear()
-            _log_base_load(run.config, result.base_load_seconds, flight.slot)
+            _log_base_load(run.config, result.base_load_seconds, flight.slot, result.base)
             if result.pruned:
                 self._record_pruned(flight, result)
             else:
@@ -824,7 +880,7 @@ def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
         trial_number=number,
         seed=seed,
         params=params,
-        model=config.model,
+        model=trial_config.model,
         data=trial_config.data,
         train=trial_config.trainer,
         eval=config.evaluator,

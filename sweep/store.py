@@ -86,6 +86,7 @@ trial_records = Table(
     Column("stderrs", JSON),
     Column("num_docs", JSON),
     Column("learning_rates", JSON),
+    Column("base", JSON),
     UniqueConstraint("study_name", "trial_number"),
 )
 
@@ -149,7 +150,7 @@ MEASUREMENTS = (
     "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second", "peak_memory_gib", "memory_cap_gib",
     "mfu", "train_tokens", "train_steps", "final_loss", "checkpointed_layers", "full_run_tokens",
     "projected_full_run_hours", "data", "base_load_seconds", "timeline", "losses", "stderrs", "num_docs",
-    "learning_rates",
+    "learning_rates", "base",
 )
 
 
@@ -200,6 +201,9 @@ class TrialRecord:
     """Documents each task was scored on."""
     learning_rates: Optional[list] = None
     """[step, learning rate] pairs, thinned as `losses`."""
+    base: Optional[dict] = None
+    """The base the trial trained on: `mode` (qlora, lora), `quantization` (nf4, fp4, int8, 16-bit),
+    `double_quant`, `dtype`, and `swapped_from` / `swap_seconds` when its slot swapped the resident base."""
 
     @property
     def finished(self) -> bool:

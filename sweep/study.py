@@ -142,3 +142,35 @@ def best_trial(study):
         return study.best_trial
     except ValueError:
         return None
+
+
+def best_params(storage_url: str, study_name: str, top: int, search_space: dict) -> list[dict]:
+    """The parameters of the `top` best feasible COMPLETE trials of a study, best first, for another study of
+    `search_space` to run first (a warm start).
+
+    Every parameter must be a key of `search_space` with a value inside its range (the same space, or one
+    that contains it); keys of `search_space` a trial lacks are sampled.
+
+    Raises:
+        StudyError: no such study, no COMPLETE feasible trial, or a parameter the space cannot take (named).
+    """
+    import optuna
+
+    from sweep.config import enqueue_problem
+
+    storage = make_storage(storage_url, read_only=True)
+    study = load_existing_study(storage, study_name)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None and t.user_attrs.get("feasible") is not False
+            and all(c <= 0 for c in t.constraints.values())]
+    if not done:
+        raise StudyError(f"study {study_name!r} has no feasible COMPLETE trial to start from")
+    done.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
+    chosen = []
+    for t in done[:top]:
+        problem = enqueue_problem(dict(t.params), search_space)
+        if problem:
+            raise StudyError(f"trial {t.number} does not fit this config's search space: {problem}")
+        chosen.append(dict(t.params))
+    return chosen

@@ -54,7 +54,14 @@ def model_config_of(hyperparameters: dict):
     return from_dict(ModelConfig, hyperparameters.get("model") or {}, "hyperparameters.yaml", "model")
 
 
-def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized", device: Optional[str] = None):
+def mode_of(hyperparameters: dict) -> str:
+    """The trial's `trainer.mode` (`qlora` or `lora`) from its hyperparameters.yaml; qlora when not recorded."""
+    mode = (hyperparameters.get("trainer") or {}).get("mode", "qlora")
+    return mode if mode in ("qlora", "lora") else "qlora"
+
+
+def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized", device: Optional[str] = None,
+                 mode: str = "qlora"):
     """The adapter merged into a plain (unquantized) bf16 copy of its base: a transformers model without peft.
 
     Args:
@@ -64,6 +71,9 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
             base's own 16-bit weights).
         device: where the merge runs; default: a GPU when there is one. It holds the bf16 base, and for
             `dequantized` the 4-bit one beside it.
+        mode: the trial's `trainer.mode`. An adapter trained on the 16-bit base (`lora`) merges into it
+            exactly: both merges are peft's. One trained on an int8 base merges into its int8 weights scaled
+            back (`dequantized`) or the original ones.
     """
     import peft
     import torch
@@ -79,7 +89,7 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
         resolve_model_path(model_config.name_or_path), revision=model_config.revision, dtype=torch.bfloat16,
         device_map={"": device}, trust_remote_code=model_config.trust_remote_code,
     )
-    if base == "original":
+    if base == "original" or mode == "lora":
         merged = peft.PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
         merged.config.use_cache = True
         return merged.eval()
@@ -87,24 +97,49 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
     from evaluator.fast import _dense_weight, _mergeable, core_model, quantized_linears
 
     quantized = peft.PeftModel.from_pretrained(
-        load_base_model(model_config, device, attn_implementation="sdpa"), str(adapter_dir)
+        load_base_model(model_config, device, attn_implementation="sdpa", mode=mode), str(adapter_dir)
     )
     core = core_model(quantized)
     paths = {id(module): name for name, module in core.named_modules()}
+    dense_weight = _int8_dense_weight if model_config.quant_type == "int8" else _dense_weight
     with torch.no_grad():
-        # Layer by layer, each 4-bit weight's dequantization with its LoRA delta added goes into the bf16
+        # Layer by layer, each quantized weight's dequantization with its LoRA delta added goes into the bf16
         # copy's weight of the same name: at most one dense layer is held beside the two models.
-        for parent, attribute, layer in quantized_linears(core):
+        for parent, attribute, layer in (_int8_linears(core) if model_config.quant_type == "int8"
+                                         else quantized_linears(core)):
             lora = parent if attribute == "base_layer" else None
             if lora is not None and not _mergeable(lora):
                 raise ValueError("--merge dequantized: a DoRA adapter has no dense delta to add to the 4-bit "
                                  "weights; use --merge original")
             path = paths[id(lora)] if lora is not None else f"{paths[id(parent)]}.{attribute}".lstrip(".")
             target = plain.get_submodule(path)
-            target.weight.copy_(_dense_weight(layer, lora).to(torch.bfloat16))
+            target.weight.copy_(dense_weight(layer, lora).to(torch.bfloat16))
     del quantized, core
     plain.config.use_cache = True
     return plain.eval()
+
+
+def _int8_linears(model) -> list[tuple[object, str, object]]:
+    """(parent module, attribute name, layer) for every bitsandbytes 8-bit linear layer of `model`."""
+    from bitsandbytes.nn import Linear8bitLt
+
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, Linear8bitLt)]
+
+
+def _int8_dense_weight(layer, lora):
+    """An 8-bit layer's weight scaled back to float32 (its int8 rows times their absmax / 127), with the LoRA
+    layer's delta added when one is given."""
+    import torch
+
+    weight = layer.weight
+    codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+    dense = codes.to(torch.float32) * weight.SCB.to(torch.float32)[:, None] / 127
+    if lora is not None:
+        for adapter in lora.active_adapters:
+            if adapter in lora.lora_A:
+                dense += lora.get_delta_weight(adapter).to(dense.device, torch.float32)
+    return dense
 
 
 def model_card(status: dict[str, Any], trial: dict[str, Any], hyperparameters: dict,
@@ -128,9 +163,7 @@ def model_card(status: dict[str, Any], trial: dict[str, Any], hyperparameters: d
         f"A LoRA adapter on `{base}`, trained and picked by a `sweep` study.", "",
         "## Base and adapter", "",
         f"- Base: `{base}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
-        + f", loaded in 4 bits ({model.get('quant_type', 'nf4')}"
-        + (", double quantization" if model.get("double_quant", True) else "")
-        + f", compute dtype {_compute_dtype(model.get('compute_dtype', 'auto'))}) for training and scoring.",
+        + f", {_loaded_as(model, mode_of(hyperparameters))} for training and scoring.",
         f"- LoRA: r={lora.get('r')}, alpha={_num(lora.get('alpha'))}, dropout={_num(lora.get('dropout'))}, "
         f"target modules {lora.get('target_modules')}"
         + (", rsLoRA" if lora.get("use_rslora") else "") + (", DoRA" if lora.get("use_dora") else "") + ".",
@@ -193,6 +226,38 @@ def model_card(status: dict[str, Any], trial: dict[str, Any], hyperparameters: d
     return "\n".join(lines)
 
 
+def base_model_card(status: dict[str, Any], record: dict) -> str:
+    """The README.md of an export of the untuned base (the pick when no trial beat it): no adapter."""
+    baseline = status.get("baseline") or {}
+    base = record["base_model"]
+    front = {"base_model": base, "tags": ["sweep", "untuned-base"]}
+    values = baseline.get("values") or {}
+    best = status.get("best")
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {status['study']}: the untuned base", "",
+        f"**No adapter.** The submission of this study is the base model `{base}` itself, untuned: on the suite "
+        f"that picks the submission ({status.get('pick_by') or status.get('optimize')}) no trial beat it.", "",
+        "## Base", "",
+        f"- Base: `{base}`" + (f" (revision `{record['revision']}`)" if record.get("revision") else "")
+        + f", {_loaded_as(record.get('model') or {}, record.get('mode', 'qlora'))} when the study scored it "
+        "(once, as the baseline, outside the sampler's trials).",
+        "- Serve it with `sweep serve` on this directory: it loads the base as it was scored.", "",
+        "## Scores", "",
+        "| suite | untuned base |" + (f" best trial ({best['number']}) |" if best else ""),
+        "|---|---|" + ("---|" if best else ""),
+    ]
+    best_values = next((t.get("values") or {} for t in status.get("trials", [])
+                        if best and t["number"] == best["number"]), {})
+    for suite, value in values.items():
+        other = best_values.get(suite)
+        lines.append(f"| {suite} | {value:.4f} |" + (f" {other:.4f} |" if best else ""))
+    lines += ["", "| task | score |", "|---|---|"]
+    for task, value in sorted((baseline.get("scores") or {}).items()):
+        lines.append(f"| {task} | {value:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def reproduce_config(hyperparameters: dict) -> dict:
     """The trial's config to run again alone: searched values in place, no search space, its own seed."""
     config = {k: copy.deepcopy(v) for k, v in hyperparameters.items() if k != "trial"}
@@ -204,6 +269,17 @@ def reproduce_config(hyperparameters: dict) -> dict:
         study["trial_seed"] = trial["seed"]
     config["study"] = study
     return config
+
+
+def _loaded_as(model: dict, mode: str) -> str:
+    """How the trial held its base, in words (`trainer.mode` and `model.quant_type`)."""
+    if mode == "lora":
+        return "loaded in 16 bits (mode lora: bfloat16 on GPU, float32 on CPU)"
+    quant = model.get("quant_type", "nf4")
+    if quant == "int8":
+        return "loaded in 8 bits (int8, LLM.int8())"
+    return (f"loaded in 4 bits ({quant}" + (", double quantization" if model.get("double_quant", True) else "")
+            + f", compute dtype {_compute_dtype(model.get('compute_dtype', 'auto'))})")
 
 
 def _compute_dtype(name: str) -> str:

@@ -117,6 +117,9 @@ class TrialResult:
     """Each task's standard error, from its per-document values (`evaluator.harness.standard_error`)."""
     num_docs: Optional[dict] = None
     """Documents each task was scored on."""
+    base: Optional[dict] = None
+    """The base it trained on (`trainer.model.describe_base`: mode, quantization, double_quant, dtype) and, when
+    the slot's resident base was of another format, `swapped_from` (its label) and `swap_seconds`."""
 
 
 MAX_LOSS_POINTS = 1000
@@ -145,6 +148,8 @@ class BaselineSpec:
     memory_cap_gib: Optional[float] = None
     host_memory_limit_gib: Optional[float] = None
     """Resident memory the slot's process may hold while scoring (`MemoryWatchdog`); None: no limit."""
+    mode: str = "qlora"
+    """`trainer.mode` of the config: the base is scored as the trials hold it by default."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,7 @@ class TrialSlot:
         self.slot = slot
         self._base = None
         self._base_key = None
+        self._base_label: Optional[str] = None
         self._tokenizer = None
         self._reference_gib: Optional[float] = None
         self._device = "cpu"
@@ -203,7 +209,7 @@ class TrialSlot:
             from trainer.model import restore_training_layout, use_attention
 
             tokenizer = self._tokenizer_for(spec.model)
-            base, load_seconds = self._base_for(spec.model, spec.device)
+            base, load_seconds, _ = self._base_for(spec.model, spec.device, spec.mode)
             use_attention(base, "sdpa")
             try:
                 evaluated = _score(base, tokenizer, spec.eval.all_tasks(), spec.eval, spec.task_dir,
@@ -234,20 +240,31 @@ class TrialSlot:
             self._tokenizer = (model, load_tokenizer(model))
         return self._tokenizer[1]
 
-    def _base_for(self, model, device: str):
-        """The 4-bit base, and the seconds spent loading it (None when it was already loaded)."""
-        from trainer.model import load_base_model
+    def _base_for(self, model, device: str, mode: str = "qlora"):
+        """The base in the format `mode` and `model`'s quantization ask for, the seconds spent loading it (None
+        when the resident one was it), and the label of the resident base it replaced (None if none did).
 
-        if self._base is not None and self._base_key == (model, device):
-            return self._base, None
+        A slot keeps one resident base: a trial that needs another model or format (mode lora's 16 bits, int8,
+        nf4 without double quantization, ...) drops it and loads its own, which then stays.
+        """
+        from trainer.model import base_format, base_label, describe_base, load_base_model
+
+        key = (model, base_format(model, mode), device)
+        if self._base is not None and self._base_key == key:
+            return self._base, None, None
+        replaced = self._base_label if self._base is not None else None
         self._drop_base()
         started = time.perf_counter()
-        self._base = load_base_model(model, device)
-        self._base_key = (model, device)
+        self._base = load_base_model(model, device, mode=mode)
+        self._base_key = key
+        self._base_label = f"{model.name_or_path} {base_label(describe_base(model, mode, device))}"
         self._device = device
         seconds = time.perf_counter() - started
-        print(f"loaded base {model.name_or_path} in {seconds:.1f}s (slot {self.slot})", flush=True)
-        return self._base, seconds
+        if replaced is not None:
+            print(f"swapped base {replaced} -> {self._base_label} in {seconds:.1f}s (slot {self.slot})", flush=True)
+        else:
+            print(f"loaded base {self._base_label} in {seconds:.1f}s (slot {self.slot})", flush=True)
+        return self._base, seconds, replaced
 
     def _drop_base(self) -> None:
         if self._base is None:
@@ -270,6 +287,7 @@ class TrialSlot:
         from trainer.model import (
             attach_lora,
             attention_implementation,
+            describe_base,
             detach_lora,
             save_adapter,
             use_attention,
@@ -283,7 +301,10 @@ class TrialSlot:
 
             exclude = load_ngrams(spec.exclude_ngrams_file)
         data = prepare_data(tokenizer, spec.data, exclude=exclude)
-        base, load_seconds = self._base_for(spec.model, spec.device)
+        base, load_seconds, replaced = self._base_for(spec.model, spec.device, spec.train.mode)
+        described = describe_base(spec.model, spec.train.mode, spec.device)
+        if replaced is not None:
+            described.update(swapped_from=replaced, swap_seconds=round(load_seconds, 3))
         use_attention(base, attention_implementation(spec.model, spec.device))  # scoring left it on sdpa
         set_seed(spec.seed)  # the adapter's initial weights: the same on a fresh or a resident base
         try:
@@ -339,6 +360,7 @@ class TrialSlot:
             learning_rates=loss_curve(trained.learning_rates),
             stderrs=evaluated.stderrs if evaluated else None,
             num_docs=evaluated.num_docs if evaluated else None,
+            base=described,
         )
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 
 import yaml
 
 from evaluator.micro import generate_docs
 from sweep.config import demo_config_path, load_config
-from sweep.contamination import overlap_report
-from sweep.scheduler import prepare_tasks
+from sweep.contamination import SharedDataset, overlap_report, shared_datasets
+from sweep.scheduler import check_contamination, prepare_tasks
 from trainer.data import prepare_data
 from trainer.demo_base import build_tokenizer
 
@@ -66,7 +68,8 @@ def test_contamination_command_and_a_sweep_that_drops(tmp_path, monkeypatch, cli
     path = write_config(tmp_path, drop=True)
     report = json.loads(cli("contamination", "--config", str(path), "--format", "json"))
     assert {"source": "news", "task": "micro_sum", "overlapping": NUM_PLANTED, "source_examples": 80,
-            "task_docs": 60} in report
+            "task_docs": 60} in report["overlaps"]
+    assert report["shared_datasets"] == [] and report["overlaps_skipped"] is None  # no hub source here
     assert re.search(r"^news +micro_sum +50 ", cli("contamination", "--config", str(path)), re.M)
 
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
@@ -78,3 +81,74 @@ def test_contamination_command_and_a_sweep_that_drops(tmp_path, monkeypatch, cli
     saved = json.loads((tmp_path / "sweep-runs" / "drop" / "contamination.json").read_text())
     assert {"source": "news", "task": "micro_sum", "overlapping": NUM_PLANTED, "source_examples": 80,
             "task_docs": 60} in saved
+    assert json.loads((tmp_path / "sweep-runs" / "drop" / "contamination-datasets.json").read_text()) == []
+
+
+def hub_config(tmp_path, sources, tasks=({"name": "bbq", "metric": "acc", "chance": 0.33, "limit": 20},)):
+    """The demo with hub sources added (never read here) and lm-eval tasks added to its heldout suite."""
+    raw = yaml.safe_load(demo_config_path().read_text())
+    raw["data"]["sources"] += [{"kind": "hub", **s} for s in sources]
+    raw["evaluator"]["suites"]["heldout"]["tasks"] += list(tasks)
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_a_source_that_is_a_tasks_dataset_is_reported_without_data(tmp_path):
+    bbq = {"name": "bbq", "dataset": "oskarvanderwal/bbq", "split": "test"}
+    config = load_config(hub_config(tmp_path, [bbq, {"name": "sciq", "dataset": "allenai/sciq"}]))
+    # Offline, nothing downloaded: lm-eval's task YAML alone names the dataset.
+    assert shared_datasets(config) == [
+        SharedDataset("bbq", "bbq", "oskarvanderwal/bbq", "oskarvanderwal/bbq", "test", "test")]
+    assert shared_datasets(config)[0].same_split
+    # Case and a bare name match; another org's dataset of the same name, or another dataset, does not.
+    aliases = [{"name": "a", "dataset": "OskarVanDerWal/BBQ"}, {"name": "b", "dataset": "bbq"},
+               {"name": "c", "dataset": "someone/bbq"}, {"name": "d", "dataset": "allenai/sciq"}]
+    found = shared_datasets(load_config(hub_config(tmp_path, aliases)))
+    assert [(r.source, r.trained_split, r.scored_split, r.same_split) for r in found] == [
+        ("a", "train", "test", False), ("b", "train", "test", False)]
+    # Groups count by their subtasks (mmlu: groups of tags of 57 tasks); org/name against a bare source id.
+    tasks = [{"name": "mmlu", "metric": "acc"}, {"name": "gsm8k", "metric": "exact_match,strict-match"}]
+    sources = [{"name": "aux", "dataset": "cais/mmlu", "subset": "auxiliary_train"},
+               {"name": "math", "dataset": "gsm8k"}]
+    found = shared_datasets(load_config(hub_config(tmp_path, sources, tasks)))
+    assert [(r.source, r.task, r.task_dataset, r.scored_split) for r in found] == [
+        ("aux", "mmlu", "cais/mmlu", "test"), ("math", "gsm8k", "openai/gsm8k", "test")]
+
+
+def test_contamination_command_shows_shared_datasets_when_the_ngram_check_cannot_run(tmp_path, capsys, caplog):
+    from sweep.cli import main
+
+    bbq = {"name": "bbq", "dataset": "oskarvanderwal/bbq", "split": "test"}
+    path = hub_config(tmp_path, [bbq])
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the bbq rows and documents cannot be downloaded
+    code = main(["contamination", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert re.search(r"^bbq +bbq +oskarvanderwal/bbq +test +test \(same\)$", out, re.M)
+    assert re.search(r"^13-gram check skipped .*ConnectionError", out, re.M)
+    assert "Traceback" not in out + err
+
+    code = main(["contamination", "--config", str(path), "--format", "json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == 0 and report["overlaps"] == [] and "ConnectionError" in report["overlaps_skipped"]
+    assert report["shared_datasets"] == [{"source": "bbq", "task": "bbq", "dataset": "oskarvanderwal/bbq",
+                                          "task_dataset": "oskarvanderwal/bbq", "trained_split": "test",
+                                          "scored_split": "test", "same_split": True}]
+
+    # The sweep start's step: a warning per pair and a file of them, though the n-gram check is skipped.
+    config = load_config(path)
+    work = tmp_path / "work"
+    with caplog.at_level(logging.WARNING, logger="sweep"):
+        assert check_contamination(config, str(prepare_tasks(config, work)), work) is None
+    assert "source bbq trains on oskarvanderwal/bbq, the dataset task bbq reads" in caplog.text
+    assert "Contamination check skipped" in caplog.text
+    saved = json.loads((work / "contamination-datasets.json").read_text())
+    assert saved == report["shared_datasets"] and not (work / "contamination.json").exists()
+
+    # Without a dataset-level row to show, a check that cannot run is still an error, in one line.
+    other = hub_config(tmp_path, [{"name": "sciq", "dataset": "allenai/sciq"}])
+    code = main(["contamination", "--config", str(other)])
+    out, err = capsys.readouterr()
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1

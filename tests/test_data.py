@@ -70,6 +70,22 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     assert tok.decode(learned).replace(" ", "") == "7</s>"  # the earlier turns are prompt, not loss
 
 
+def test_llama2_template_writes_inst_turns():
+    assert format_prompt("llama2", "Say hi.") == "[INST] Say hi. [/INST] "
+    assert format_prompt("llama2", "Translate.", "bonjour") == "[INST] Translate.\n\nbonjour [/INST] "
+    ex = Example("And in German?", "Hallo.", history=(("Say hi.", "Hi."), ("In French?", "Salut.")))
+    prompt, full = render(None, "llama2", ex)
+    assert prompt == ("[INST] Say hi. [/INST] Hi. </s><s>[INST] In French? [/INST] Salut. </s><s>"
+                      "[INST] And in German? [/INST] ")
+    assert full == prompt + "Hallo."
+    tok = build_tokenizer()  # its BOS and EOS are <s> and </s>, as Llama 2's
+    row = tokenize_examples(tok, [ex], "llama2", 256).row(0)
+    assert row["input_ids"].tolist().count(tok.eos_token_id) == 3  # two earlier turns end in EOS, then the reply
+    learned = [t for t in row["labels"].tolist() if t != IGNORE_INDEX]
+    assert learned[-1] == tok.eos_token_id
+    assert tok.decode(learned[:-1]).strip() == "Hallo."  # the earlier turns are prompt, not loss
+
+
 def plain(rows):
     """Rows as lists, to compare them."""
     return [{k: v.tolist() for k, v in r.items()} for r in rows]

@@ -50,8 +50,14 @@ class ModelConfig:
         "the offline demo base built locally on first use."
     )
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) of the base model.", default=None)
-    quant_type: Literal["nf4", "fp4"] = doc("4-bit quantization type of the base weights.", default="nf4")
-    double_quant: bool = doc("Quantize the quantization constants too (QLoRA double quantization).", default=True)
+    quant_type: Literal["nf4", "fp4", "int8"] = doc(
+        "How `trainer.mode: qlora` quantizes the base's linear layers (bitsandbytes): `nf4` or `fp4` (4 bits), "
+        "or `int8` (LLM.int8(), 8 bits). Searchable as `model.quant_type`; `trainer.mode: lora` ignores it.",
+        default="nf4",
+    )
+    double_quant: bool = doc(
+        "4-bit: quantize the quantization constants too (QLoRA double quantization). Searchable.", default=True
+    )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc(
         "dtype of the 4-bit matmuls; `auto` is bfloat16 on GPU and float32 on CPU.", default="auto"
     )
@@ -68,7 +74,9 @@ class ModelConfig:
 
 
 # Row formats of the named sources; `fields` maps any JSON/JSONL file's own field names.
-SOURCE_FORMATS = ("fields", "dolly", "oasst1", "lima", "alpaca", "platypus", "mmlu", "cnn_dailymail", "gsm8k")
+SOURCE_FORMATS = (
+    "fields", "dolly", "oasst1", "lima", "alpaca", "platypus", "mmlu", "cnn_dailymail", "gsm8k", "bbq", "sciq"
+)
 
 # Hub datasets with a known row format: id -> (format, default subset).
 HUB_DATASETS: dict[str, tuple[str, Optional[str]]] = {
@@ -82,6 +90,9 @@ HUB_DATASETS: dict[str, tuple[str, Optional[str]]] = {
     "abisee/cnn_dailymail": ("cnn_dailymail", "3.0.0"),
     "gsm8k": ("gsm8k", "main"),
     "openai/gsm8k": ("gsm8k", "main"),
+    # As lm-eval's bbq and sciq tasks read them. BBQ has one split, `test`: the one lm-eval scores.
+    "oskarvanderwal/bbq": ("bbq", "All"),
+    "allenai/sciq": ("sciq", None),
 }
 
 
@@ -105,7 +116,8 @@ class SourceConfig:
     format: Literal[("auto",) + SOURCE_FORMATS] = doc(  # type: ignore[valid-type]
         "Row format: `auto` (the known format of a hub id, else `fields`), `fields` (the `fields` mapping), "
         "or a named source's own rows: dolly, oasst1 (English, top-ranked reply per turn), lima, alpaca, "
-        "platypus, mmlu (auxiliary_train), cnn_dailymail, gsm8k.",
+        "platypus, mmlu (auxiliary_train), cnn_dailymail, gsm8k, bbq (oskarvanderwal/bbq, config All: its one "
+        "split is `test`, the split lm-eval's bbq scores), sciq (allenai/sciq).",
         default="auto",
     )
     fields: dict[str, str] = doc(
@@ -192,8 +204,9 @@ class DataConfig:
         default=None,
     )
     seed: int = doc("Seed of the example selection: same seed and weights, same mix.", default=0)
-    template: Literal["auto", "alpaca", "chatml", "plain"] = doc(
-        "Prompt format: `auto` uses the base tokenizer's chat template when it has one, else alpaca.",
+    template: Literal["auto", "alpaca", "chatml", "llama2", "plain"] = doc(
+        "Prompt format: `auto` uses the base tokenizer's chat template when it has one, else alpaca. `llama2`: "
+        "Llama-2-chat's `[INST] {instruction} [/INST] ` written out, for a base without a chat template.",
         default="auto",
     )
     max_seq_length: int = doc("Longest example in tokens (prompt and response).", default=2048)
@@ -291,6 +304,11 @@ class TrainConfig:
     group_by_length: bool = doc("Padding mode: batch examples of similar length (less padding).", default=False)
     gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", default=1)
     warmup_fraction: float = doc("Fraction of the steps spent in linear warmup.", default=0.05)
+    warmup_steps: Optional[int] = doc(
+        "Linear warmup steps of the full run, instead of `warmup_fraction` (a recipe's \"100 warmup steps\"); a "
+        "trial's shorter proxy (`max_steps`) warms up for the same share of its steps. null: warmup_fraction.",
+        default=None,
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = doc(
         "Learning-rate schedule after warmup.", default="cosine"
     )
@@ -306,6 +324,12 @@ class TrainConfig:
         default="auto",
     )
     lora: LoraConfig = doc("The LoRA adapter.", default_factory=LoraConfig)
+    mode: Literal["qlora", "lora"] = doc(
+        "`qlora`: the adapter trains on a quantized base (`model.quant_type`: 4 or 8 bits); `lora`: on the base "
+        "in 16 bits (bfloat16 on GPU, float32 on CPU), about 2 bytes a parameter. Searchable as `trainer.mode`; "
+        "the memory cap and the full-run projection decide per GPU profile whether a mode fits.",
+        default="qlora",
+    )
 
     def validate(self) -> None:
         if not self.learning_rate > 0:
@@ -325,6 +349,8 @@ class TrainConfig:
         if self.packing:
             check_step_tokens("gradient_accumulation_steps", self.gradient_accumulation_steps, self.pack_length,
                               f"pack_length {self.pack_length}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.weight_decay < 0:

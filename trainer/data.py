@@ -34,11 +34,20 @@ TEMPLATES = {
         "with_input": "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n",
         "no_input": "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
     },
+    # Llama-2-chat's turns, written out for a base without a chat template; an earlier turn's reply ends with
+    # `turn_end` (EOS, then BOS before the next [INST], as Llama 2 was trained; its tokenizer reads them as tokens).
+    "llama2": {
+        "with_input": "[INST] {instruction}\n\n{input} [/INST] ",
+        "no_input": "[INST] {instruction} [/INST] ",
+        "turn_end": " </s><s>",
+    },
     "plain": {
         "with_input": "{instruction}\n{input}\n",
         "no_input": "{instruction}\n",
     },
 }
+DEFAULT_TURN_END = "\n\n"
+"""What follows an earlier turn's reply in a template without a `turn_end` of its own."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,8 @@ def render(tokenizer, template: str, example: Example) -> tuple[str, str]:
         if not full.startswith(prompt):  # templates that rewrite earlier turns: keep the prompt as rendered
             full = prompt + example.response
         return prompt, full
-    history = "".join(format_prompt(template, u) + a + "\n\n" for u, a in example.history)
+    turn_end = TEMPLATES[template].get("turn_end", DEFAULT_TURN_END)
+    history = "".join(format_prompt(template, u) + a + turn_end for u, a in example.history)
     prompt = history + format_prompt(template, example.instruction, example.input)
     return prompt, prompt + example.response
 
@@ -274,6 +284,10 @@ def tokenize_examples(
     ids_out, prompts, skipped = [], [], Counter()
     for ex in examples:
         prompt, full = render(tokenizer, template, ex)
+        if special:
+            # A prompt's trailing spaces (llama2's "[/INST] ") go with the response, as lm-eval moves them to the
+            # continuation: SentencePiece joins the space to the response's first word.
+            prompt = prompt.rstrip(" ")
         prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
         ids = tokenizer(full, add_special_tokens=special)["input_ids"]
         if eos is not None and (not ids or ids[-1] != eos):

@@ -61,25 +61,70 @@ def use_attention(model, implementation: str) -> None:
         target.set_attn_implementation(implementation)
 
 
-def load_base_model(config: ModelConfig, device: str | None = None, attn_implementation: str | None = None):
-    """The base model with its linear layers quantized to 4 bits (NF4 by default) on `device`.
+MODES = ("qlora", "lora")
+
+
+def base_format(config: ModelConfig, mode: str = "qlora") -> str:
+    """How a trial's base is held, in a word: `nf4`, `fp4` (4 bits), `int8` (8 bits) or `16-bit` (mode lora).
+
+    One slot keeps one resident base per format (and model): a trial that needs another swaps it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    return "16-bit" if mode == "lora" else config.quant_type
+
+
+def describe_base(config: ModelConfig, mode: str, device: str) -> dict:
+    """The base a trial trains on, for its record: mode, quantization, double quantization and compute dtype."""
+    form = base_format(config, mode)
+    dtype = str(compute_dtype(config, device)).removeprefix("torch.")
+    return {
+        "mode": mode,
+        "quantization": form,
+        "double_quant": bool(config.double_quant) if form in ("nf4", "fp4") else None,
+        "dtype": dtype,
+    }
+
+
+def base_label(described: dict) -> str:
+    """`nf4 4-bit, double quant`, `int8 8-bit`, `16-bit (float32)`: one base's format in words."""
+    form = described.get("quantization")
+    if form == "16-bit":
+        return f"16-bit ({described.get('dtype')})"
+    if form == "int8":
+        return "int8 8-bit"
+    return f"{form} 4-bit" + (", double quant" if described.get("double_quant") else "")
+
+
+def load_base_model(config: ModelConfig, device: str | None = None, attn_implementation: str | None = None,
+                    mode: str = "qlora"):
+    """The base model on `device`: with `mode` qlora its linear layers quantized by bitsandbytes (NF4 by
+    default: `config.quant_type`), with `lora` in 16 bits (bfloat16 on GPU; float32 on CPU, which has no
+    fast 16-bit matmul).
 
     Args:
         config: the base model and its quantization.
         device: `cuda`, `cuda:N` or `cpu`; default: a GPU when there is one.
         attn_implementation: overrides `config.attn_implementation` (resolved
             by `attention_implementation`); scoring uses sdpa.
+        mode: `qlora` or `lora` (`trainer.mode`).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or default_device()
     dtype = compute_dtype(config, device)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=config.quant_type,
-        bnb_4bit_use_double_quant=config.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-    )
+    form = base_format(config, mode)
+    if form == "16-bit":
+        quantization = None
+    elif form == "int8":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant_type,
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
     attention = attn_implementation or attention_implementation(config, device)
 
     def load(attention: str):
@@ -101,6 +146,11 @@ def load_base_model(config: ModelConfig, device: str | None = None, attn_impleme
             raise
         model = load("sdpa")
     model.config.use_cache = False
+    if form == "int8":
+        import warnings
+
+        # bitsandbytes' int8 matmul casts its float32 inputs to float16 on every call (CPU), warning each time.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     keep_training_layout(model)
     return model
 
@@ -217,22 +267,40 @@ def save_adapter(model, out_dir: str | Path, model_config: ModelConfig, hyperpar
 def load_adapter(adapter_dir: str | Path, device: str | None = None, quantized: bool = True):
     """Loads an adapter onto the base it records; returns `(peft_model, tokenizer)`.
 
-    With `quantized=False` the base is loaded in 16 bits (bfloat16 on GPU,
-    float32 on CPU), the form to merge an adapter into.
+    The base is loaded as the trial trained on it (its hyperparameters.yaml: the quantization and
+    `trainer.mode`), else in 4-bit NF4. With `quantized=False` the base is loaded in 16 bits (bfloat16 on
+    GPU, float32 on CPU), the form to merge an adapter into.
     """
     import peft
-    import torch
-    from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter_dir)
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = ModelConfig(name_or_path=recorded["base_model_name_or_path"], revision=recorded.get("revision"))
+    base, mode = trained_base(adapter_dir / "hyperparameters.yaml")
+    if base is None or base.name_or_path != recorded["base_model_name_or_path"]:
+        base = ModelConfig(name_or_path=recorded["base_model_name_or_path"], revision=recorded.get("revision"))
     device = device or default_device()
-    if quantized:
-        model = load_base_model(base, device, attn_implementation="sdpa")  # inference: padded batches
-    else:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(base.name_or_path), revision=base.revision, dtype=dtype, device_map={"": device}
-        )
+    # Inference: padded batches (sdpa).
+    model = load_base_model(base, device, attn_implementation="sdpa", mode=mode if quantized else "lora")
     return peft.PeftModel.from_pretrained(model, str(adapter_dir)), load_tokenizer(base)
+
+
+def trained_base(hyperparameters_file: str | Path) -> tuple[ModelConfig | None, str]:
+    """The `ModelConfig` and `trainer.mode` a trial's hyperparameters.yaml records; (None, qlora) without one."""
+    import dataclasses
+
+    try:
+        hyperparameters = yaml.safe_load(Path(hyperparameters_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return None, "qlora"
+    if not isinstance(hyperparameters, dict):
+        return None, "qlora"
+    mode = (hyperparameters.get("trainer") or {}).get("mode", "qlora")
+    model = hyperparameters.get("model")
+    if not isinstance(model, dict):
+        return None, mode if mode in MODES else "qlora"
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        config = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    except TypeError:
+        return None, "qlora"
+    return config, mode if mode in MODES else "qlora"

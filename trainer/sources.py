@@ -12,7 +12,7 @@ Skip reasons:
     not_object: the row is not a JSON object.
     missing_field: a required field is absent, null or of the wrong type.
     empty_text: a required text is empty after stripping whitespace.
-    bad_answer: mmlu, the answer names none of the choices.
+    bad_answer: mmlu and bbq, the answer (bbq's `label`) names none of the choices.
     no_reply: a user turn without a usable answer (an oasst1 prompter message
         without an English reply, a lima conversation without a complete pair).
     not_english: oasst1, a message whose `lang` is not `en`.
@@ -110,7 +110,9 @@ def format_row(fmt: str, row: dict, fields: dict[str, str] | None = None) -> lis
     """One row of a named format as its examples (usually one), or the reason to skip it.
 
     Strings are stripped. mmlu rows become the question, the lettered choices and
-    "Answer:" (the MMLU prompt), answered by "<letter>. <choice text>".
+    "Answer:" (the MMLU prompt), answered by "<letter>. <choice text>". bbq and
+    sciq rows are lettered the same way, after bbq's context or sciq's support
+    paragraph, and answered by the right choice's text (what lm-eval scores).
 
     Args:
         fmt: A row format of `SOURCE_FORMATS` other than oasst1, whose examples
@@ -319,6 +321,36 @@ def _mmlu_row(row: dict) -> list[Example] | str:
     return [Example(instruction=instruction, response=f"{CHOICE_LETTERS[answer]}. {choices[answer]}")]
 
 
+def _bbq_row(row: dict) -> list[Example] | str:
+    # lm-eval's bbq prompts "{context}\n\nQ: {question}\nA:" and scores the answer's text; here the three answers
+    # are lettered as in mmlu, and the response is the right one's text.
+    parts = [_text(row, key) for key in ("context", "question", "ans0", "ans1", "ans2")]
+    for part in parts:
+        if isinstance(part, _Skip):
+            return part.reason
+    context, question, *choices = parts
+    answer = _choice_index(row.get("label"), len(choices))
+    if isinstance(answer, _Skip):
+        return answer.reason
+    lettered = "\n".join(f"{CHOICE_LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return [Example(instruction=f"{context}\n{question}\n{lettered}\nAnswer:", response=choices[answer])]
+
+
+def _sciq_row(row: dict) -> list[Example] | str:
+    parts = [_text(row, key) for key in ("question", "correct_answer", "distractor1", "distractor2", "distractor3")]
+    support = _text(row, "support", required=False)  # empty in about a tenth of the rows
+    for part in (*parts, support):
+        if isinstance(part, _Skip):
+            return part.reason
+    question, correct, *distractors = parts
+    # The rows hold the correct answer apart: the four are ordered by a hash of question and choice, so its letter
+    # varies from row to row while a row always reads the same.
+    choices = sorted([correct, *distractors], key=lambda c: hashlib.sha256(f"{question}\n{c}".encode()).digest())
+    lettered = "\n".join(f"{CHOICE_LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    prompt = f"Question: {question}\n{lettered}\nAnswer:"
+    return [Example(instruction=f"{support}\n{prompt}" if support else prompt, response=correct)]
+
+
 def _choice_index(answer: object, num_choices: int) -> int | _Skip:
     """The answer as a choice index: an int index (a ClassLabel) or a letter."""
     if isinstance(answer, bool) or answer is None:
@@ -342,6 +374,8 @@ _ROW_FORMATTERS = {
     "mmlu": _mmlu_row,
     "cnn_dailymail": _cnn_dailymail_row,
     "gsm8k": _gsm8k_row,
+    "bbq": _bbq_row,
+    "sciq": _sciq_row,
 }
 
 

@@ -249,6 +249,14 @@ def flops_per_token(model) -> float:
     return 4.0 * frozen + 6.0 * trainable
 
 
+def warmup_steps(config: TrainConfig, steps: int, full_steps: int) -> int:
+    """Warmup steps of a run of `steps` (a trial's proxy) out of the full run's `full_steps`: the config's
+    `warmup_steps` (of the full run) scaled to the proxy, else `warmup_fraction` of `steps`."""
+    if config.warmup_steps is not None:
+        return min(steps, int(round(config.warmup_steps * steps / max(full_steps, steps))))
+    return int(round(config.warmup_fraction * steps))
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """The planner's estimate of a training step's memory, in bytes."""
@@ -469,7 +477,7 @@ def train(
     scheduler = get_scheduler(
         config.lr_scheduler if config.lr_scheduler != "constant" else "constant_with_warmup",
         optimizer,
-        num_warmup_steps=int(round(config.warmup_fraction * steps)),
+        num_warmup_steps=warmup_steps(config, steps, full_steps),
         num_training_steps=steps,
     )
     neftune = _NEFTune(model, config.neftune_alpha) if config.neftune_alpha else None
