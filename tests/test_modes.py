@@ -74,8 +74,9 @@ def test_trials_of_two_modes_and_two_quantizations_complete_and_say_so(mode_stud
     assert len({b["mode"] for b in bases}) == 2 and len({b["quantization"] for b in bases}) >= 2
     assert [t.user_attrs["quantization"] for t in trials] == ["nf4", "16-bit", "int8"]  # on the dashboard too
     # Each trial trained on the base it asked for: what its saved config records.
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     for t in trials:
         saved = yaml.safe_load((Path(t.user_attrs["adapter_dir"]) / "hyperparameters.yaml").read_text())
