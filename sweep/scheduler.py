@@ -61,6 +61,8 @@ _PASSED_ENV = (
 
 
 POLL_S = 0.25
+GPU_OUT_OF_MEMORY = "out of memory at step"
+"""How the trainer's `TrainingOutOfMemory` (the GPU, under the profile's cap) starts its reason."""
 
 
 @dataclass(frozen=True)
@@ -549,6 +551,11 @@ class _Driver:
         """The reasons of the trials that failed since the last one that did not, in the order they ended."""
         self.failure = failure
         self.last_failure: Optional[str] = None
+        from sweep.preflight import base_formats
+
+        self.formats = len(base_formats(run.config))
+        """Base formats (mode and quantization) the search space allows: with several, a trial whose format runs
+        out of GPU memory is infeasible, not a failure of the start."""
 
     def run(self) -> list[int]:
         import ray
@@ -675,7 +682,13 @@ class _Driver:
                 self._fail(flight, f"no space left on device while writing {what}")
                 raise DiskFull(what) from None
             # A slot that passed its host-memory limit killed itself: its watchdog left the reason by its log.
-            self._fail(flight, out_of_memory_reason(flight.spec.log_file) or failure_reason(e))
+            reason = out_of_memory_reason(flight.spec.log_file) or failure_reason(e)
+            if reason.startswith(GPU_OUT_OF_MEMORY) and self.formats > 1:
+                # The setting does not fit the profile's memory cap (a 16-bit base with long rows, say): the trial
+                # is infeasible, and where the space holds other base formats that is no reason to stop the start.
+                self._fail(flight, f"infeasible: {reason}", streak=False, feasible=False)
+            else:
+                self._fail(flight, reason)
         else:
             self._ended(flight, complete=not result.pruned)
             self.failure_streak.clear()
@@ -740,12 +753,13 @@ class _Driver:
         except Exception as e:  # noqa: BLE001 - the note is for reading
             log.warning("The study's dashboard note was not updated (%s)", failure_reason(e))
 
-    def _fail(self, flight: _Flight, reason: str, streak: bool = True) -> None:
-        """Stores the trial FAIL; `streak`: a failure of the trial itself (not of the start stopping it)."""
+    def _fail(self, flight: _Flight, reason: str, streak: bool = True, feasible: Optional[bool] = None) -> None:
+        """Stores the trial FAIL; `streak`: a failure of the trial itself (not of the start stopping it);
+        `feasible` False: it failed because its setting does not fit the profile."""
         trial = flight.trial
         self._end(flight, TrialRecord(
             trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
-            started_at=flight.started_at, finished_at=utc_now(),
+            started_at=flight.started_at, finished_at=utc_now(), feasible=feasible,
         ))
         self.progress.failed += 1
         self.last_failure = reason

@@ -29,4 +29,4 @@ def test_the_demo_searches_the_mix_and_every_task_learns(tmp_path, monkeypatch, 
     # The pick: the best on heldout among the top 3 on open.
     top = sorted(complete, key=lambda t: t["open_value"], reverse=True)[:3]
     assert status["pick"]["number"] == max(top, key=lambda t: t["heldout_value"])["number"]
-    assert "Pick (best on heldout among the top 3 on open)" in cli("status")
+    assert "Pick (best on heldout among the top 3 on open, the untuned base included)" in cli("status")

@@ -290,12 +290,27 @@ def memory_model(model, tokens: int, allocated_bytes: int) -> MemoryModel:
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    checkpointed = tokens * 2 * hidden
+    if _has_int8_linears(model):
+        # bitsandbytes' int8 matmul keeps its input on the autograd context itself (`ctx.tensors`), out of reach
+        # of checkpointing's saved-tensor hooks: a checkpointed layer still holds its linear layers' inputs in
+        # 16 bits (the normed hidden state for q/k/v and for gate/up, the attention output, the MLP's
+        # intermediate activation).
+        checkpointed += tokens * 2 * (3 * hidden + intermediate)
     return MemoryModel(
         fixed=allocated_bytes + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full,
         full_layer=full,
-        checkpointed_layer=tokens * 2 * hidden,
+        checkpointed_layer=checkpointed,
         num_layers=len(decoder_layers(model)),
     )
+
+
+def _has_int8_linears(model) -> bool:
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return False
+    return any(isinstance(m, Linear8bitLt) for m in model.modules())
 
 
 def plan_checkpointing(model, tokens: int, memory_budget_gib: Optional[float], device: str) -> int:
