@@ -190,3 +190,7 @@ def test_an_int8_adapter_merges_into_its_scaled_back_weights(mode_study, tmp_pat
     assert main(["export", "--storage", mode_study.storage, "--study", "modes", "--trial", "1", "--out",
                  str(lora_out)]) == 0
     assert "loaded in 16 bits (mode lora" in (lora_out / "README.md").read_text()
+    from sweep.serve import load_export
+
+    for export, form in ((lora_out, "16-bit (float32)"), (out, "int8 8-bit")):  # served on the base it trained on
+        assert form in load_export(export, device="cpu").description

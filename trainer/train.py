@@ -292,10 +292,10 @@ def memory_model(model, tokens: int, allocated_bytes: int) -> MemoryModel:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     checkpointed = tokens * 2 * hidden
     if _has_int8_linears(model):
-        # bitsandbytes' int8 matmul keeps its input on the autograd context itself (`ctx.tensors`), out of reach
-        # of checkpointing's saved-tensor hooks: a checkpointed layer still holds its linear layers' inputs in
-        # 16 bits (the normed hidden state for q/k/v and for gate/up, the attention output, the MLP's
-        # intermediate activation).
+        # On a GPU, bitsandbytes' int8 matmul (MatMul8bitLt) keeps its input on the autograd context itself
+        # (`ctx.tensors`), out of reach of checkpointing's saved-tensor hooks: a checkpointed layer still holds
+        # its linear layers' inputs in 16 bits (the normed hidden state for q/k/v and for gate/up, the attention
+        # output, the MLP's intermediate activation).
         checkpointed += tokens * 2 * (3 * hidden + intermediate)
     return MemoryModel(
         fixed=allocated_bytes + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full,
