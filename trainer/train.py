@@ -41,6 +41,7 @@ GIB = 2**30
 # estimate beside the measured peak.
 _ACT_BYTES_PER_HIDDEN = 30
 _ACT_BYTES_PER_INTERMEDIATE = 9
+_INT8_KEPT_BYTES = 4
 _MEMORY_HEADROOM = 0.92  # the share of the cap the plan may fill (fragmentation, workspaces)
 
 
@@ -288,15 +289,14 @@ def memory_model(model, tokens: int, allocated_bytes: int) -> MemoryModel:
     config = _causal_lm(model).config
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate)
+    # On a GPU, bitsandbytes' int8 matmul (MatMul8bitLt) keeps what its backward needs on the autograd context
+    # itself (`ctx.tensors`), out of reach of checkpointing's saved-tensor hooks: every layer, checkpointed or
+    # not, holds about 4 bytes a token for each of its seven linear layers' inputs (measured with
+    # bench/base_formats.py on a Mistral-7B shape and 4096-token rows: 0.60 GiB a layer; this gives 0.59).
+    kept = tokens * _INT8_KEPT_BYTES * (6 * hidden + intermediate) if _has_int8_linears(model) else 0
+    full = tokens * (_ACT_BYTES_PER_HIDDEN * hidden + _ACT_BYTES_PER_INTERMEDIATE * intermediate) + kept
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    checkpointed = tokens * 2 * hidden
-    if _has_int8_linears(model):
-        # On a GPU, bitsandbytes' int8 matmul (MatMul8bitLt) keeps its input on the autograd context itself
-        # (`ctx.tensors`), out of reach of checkpointing's saved-tensor hooks: a checkpointed layer still holds
-        # its linear layers' inputs in 16 bits (the normed hidden state for q/k/v and for gate/up, the attention
-        # output, the MLP's intermediate activation).
-        checkpointed += tokens * 2 * (3 * hidden + intermediate)
+    checkpointed = tokens * 2 * hidden + kept
     return MemoryModel(
         fixed=allocated_bytes + trainable * 12 + _loss_chunk_bytes(config.vocab_size) + full,
         full_layer=full,
