@@ -171,7 +171,8 @@ def test_two_trial_sweep_then_more_trials_and_failures(workdir, monkeypatch, cli
         assert "no_such_module" in t["fail_reason"]
     assert after["best"] == first["best"] and after["baseline"] == first["baseline"]
     table = cli("status", "--storage", storage)
-    assert "FAIL" in table and "COMPLETE" in table and "Pick (best on heldout among the top 3 on open, the untuned base included)" in table
+    assert "FAIL" in table and "COMPLETE" in table
+    assert "Pick (best on heldout among the top 3 on open, the untuned base included)" in table
     picked = workdir / "picked"
     cli("export", "--storage", storage, "--study", "e2e", "--pick", "--out", str(picked))
     exported = json.loads((picked / "scores.json").read_text())
