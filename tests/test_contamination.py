@@ -7,6 +7,7 @@ import logging
 import os
 import re
 
+import pytest
 import yaml
 
 from evaluator.micro import generate_docs
@@ -116,6 +117,7 @@ def test_a_source_that_is_a_tasks_dataset_is_reported_without_data(tmp_path):
         ("aux", "mmlu", "cais/mmlu", "test"), ("math", "gsm8k", "openai/gsm8k", "test")]
 
 
+@pytest.mark.slow  # builds lm-eval's task index several times (about 25 s); `.ci/run` runs it
 def test_contamination_command_shows_shared_datasets_when_the_ngram_check_cannot_run(tmp_path, capsys, caplog):
     from sweep.cli import main
 
