@@ -58,16 +58,18 @@ def _dense_linear_class():
     return DenseLinear
 
 
-def quantized_linears(model) -> list[tuple[object, str, object]]:
-    """(parent module, attribute name, layer) for every bitsandbytes 4-bit linear layer of `model`."""
+def quantized_linears(model, bits: int = 4) -> list[tuple[object, str, object]]:
+    """(parent module, attribute name, layer) for every bitsandbytes 4-bit (`bits` 8: 8-bit) linear layer of
+    `model`."""
     try:
-        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
     except ImportError:
         return []
+    kind = Linear8bitLt if bits == 8 else Linear4bit
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, Linear4bit):
+            if isinstance(child, kind):
                 found.append((parent, name, child))
     return found
 
@@ -218,11 +220,18 @@ def _dense_weight(layer, lora):
     import torch
 
     dtype = layer.compute_dtype or torch.bfloat16
-    weight = _dequantized(layer).to(dtype)
+    return with_lora_delta(_dequantized(layer).to(dtype), lora)
+
+
+def with_lora_delta(weight, lora):
+    """`weight` (a layer's dense weight) with the active adapters' deltas of the LoRA layer `lora` added in
+    place (in float32, then the weight's dtype); unchanged when `lora` is None."""
+    import torch
+
     if lora is not None:
         for adapter in lora.active_adapters:
             if adapter in lora.lora_A:
-                weight += lora.get_delta_weight(adapter).to(weight.device, torch.float32).to(dtype)
+                weight += lora.get_delta_weight(adapter).to(weight.device, torch.float32).to(weight.dtype)
     return weight
 
 

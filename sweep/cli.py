@@ -571,7 +571,7 @@ def format_table(status: dict) -> str:
         note = t.get("fail_reason") or ("infeasible" if t.get("feasible") is False else "")
         if t["state"] == "PRUNED" and t.get("train_steps"):
             note = f"pruned at step {t['train_steps']}"
-        if pick and not pick.get("untuned") and pick["number"] == t["number"]:
+        if pick and pick["number"] == t["number"]:  # None when the base is the pick: no trial's
             note = "<- pick" + (f"; {note}" if note else "")
         rows.append([
             str(t["number"]), t["state"], "" if t["value"] is None else f"{t['value']:.4f}",

@@ -402,8 +402,9 @@ def value_problem(value: Any, space: ParamSpace) -> Optional[str]:
     """Why `value` is not one `space` can take (a choice, an integer or a number within its bounds), or None."""
     value = coerce_value(value, space)
     if space.type == "categorical":
-        if not any(value == c and type(value) is type(c) or (_is_number(value) and _is_number(c) and value == c)
-                   for c in space.choices):
+        # 1 is the choice 1.0, but not True, nor "1"
+        same_kind = (lambda c: type(value) is type(c) or (_is_number(value) and _is_number(c)))
+        if not any(value == c and same_kind(c) for c in space.choices):
             return f"{value!r} is not one of the choices {space.choices}"
         return None
     if not _is_number(value):

@@ -121,22 +121,31 @@ def pick_submission(
     the trial. With no trial COMPLETE the pick is None, whatever the base.
     """
     sign = 1.0 if maximize else -1.0
-    eligible = candidates(trials, optimize, pick_by)
-    if not eligible:
+    top = ranked_candidates(trials, optimize, pick_by, maximize, base)[: max(1, top_k)]
+    if not top:
         return None
-    if base is not None and candidates([base], optimize, pick_by):
-        eligible = [*eligible, base]
-
-    def on(suite):
-        return lambda t: sign * (t["values"][suite] if suite else t["value"])
-
-    def order(t):  # the base after every trial of equal value
-        return float("inf") if t.get("untuned") else t["number"]
-
-    top = sorted(eligible, key=lambda t: (-on(optimize)(t), order(t)))[: max(1, top_k)]
     if pick_by is None:
         return top[0]
-    return min(top, key=lambda t: (-on(pick_by)(t), -on(optimize)(t), order(t)))
+    return min(top, key=lambda t: (-sign * t["values"][pick_by], -sign * _on(t, optimize), _order(t)))
+
+
+def ranked_candidates(trials: list[dict], optimize: Optional[str], pick_by: Optional[str], maximize: bool = True,
+                      base: Optional[dict] = None) -> list[dict]:
+    """The pick's candidates (`candidates`, and `base` when it was scored on both suites and a trial is one),
+    best first on `optimize`; a tie goes to the earlier trial, and the base comes after the trials it ties."""
+    sign = 1.0 if maximize else -1.0
+    rows = candidates(trials, optimize, pick_by)
+    if rows and base is not None and candidates([base], optimize, pick_by):
+        rows.append(base)
+    return sorted(rows, key=lambda t: (-sign * _on(t, optimize), _order(t)))
+
+
+def _on(row: dict, suite: Optional[str]) -> float:
+    return row["values"][suite] if suite else row["value"]
+
+
+def _order(row: dict) -> float:
+    return float("inf") if row.get("untuned") else row["number"]
 
 
 def rank_correlation(trials: list[dict], first: Optional[str], second: Optional[str]) -> Optional[float]:
@@ -250,15 +259,11 @@ def export_trial(status: dict[str, Any], which: int | str, out_dir: str | Path, 
     return out
 
 
-BASE_EXPORT_FILE = "base_model.json"
-"""What an export of the untuned base holds instead of an adapter: the base's id, revision and how it was scored."""
-
-
 def export_base(status: dict[str, Any], out: Path, quiet: bool = False) -> Path:
     """Writes the untuned base's submission to `out`, all or nothing: `base_model.json` (the base's id and
     revision, and the quantization and mode it was scored in), its tokenizer, scores.json, environment.json
     and a README.md model card that says there is no adapter. `sweep serve` serves it."""
-    from sweep.submission import base_model_card, package_versions
+    from sweep.submission import BASE_EXPORT_FILE, base_model_card, model_config_of, package_versions
     from sweep.worker import output_to
     from trainer.model import load_tokenizer
 
@@ -267,8 +272,6 @@ def export_base(status: dict[str, Any], out: Path, quiet: bool = False) -> Path:
     model = dict(scored.get("model") or {"name_or_path": baseline.get("model")})
     if not model.get("name_or_path"):
         raise ValueError(f"study {status['study']!r}: the baseline does not name its base model")
-    from sweep.submission import model_config_of
-
     model_config = model_config_of({"model": model})
     record = {"base_model": model_config.name_or_path, "revision": model_config.revision,
               "model": model, "mode": scored.get("mode", "qlora"), "study": status["study"]}
@@ -294,8 +297,8 @@ def _write_submission(staging: Path, src: Path, status: dict, trial: dict, score
                       model_config, merge: Optional[str], device: Optional[str]) -> None:
     import yaml
 
-    from sweep.submission import merged_model, mode_of, model_card, package_versions, reproduce_config
-    from trainer.model import load_tokenizer
+    from sweep.submission import merged_model, model_card, package_versions, reproduce_config
+    from trainer.model import load_tokenizer, trained_mode
 
     for name in ADAPTER_FILES:
         shutil.copyfile(src / name, staging / name)  # contents only: modes come from the umask
@@ -307,7 +310,7 @@ def _write_submission(staging: Path, src: Path, status: dict, trial: dict, score
     (staging / "config.yaml").write_text(yaml.safe_dump(reproduce_config(hyperparameters), sort_keys=False))
     (staging / "README.md").write_text(model_card(status, trial, hyperparameters, merge))
     if merge is not None:
-        merged = merged_model(src, model_config, merge, device, mode=mode_of(hyperparameters))
+        merged = merged_model(src, model_config, merge, device, mode=trained_mode(hyperparameters))
         merged.save_pretrained(staging / "merged")
         tokenizer.save_pretrained(staging / "merged")
 

@@ -66,27 +66,20 @@ def study_note(status: dict[str, Any], now: Optional[dt.datetime] = None) -> str
 
 
 def _top_table(status: dict[str, Any], optimize: Optional[str], pick_by: Optional[str], top_k: int) -> list[str]:
-    from sweep.export import base_row, candidates
+    from sweep.export import base_row, ranked_candidates
 
-    sign = 1.0 if status["direction"] == "maximize" else -1.0
-    rows = candidates(status["trials"], optimize, pick_by)
-    base = base_row(status.get("baseline"))
-    if rows and base is not None and candidates([base], optimize, pick_by):
-        rows.append(base)  # a candidate for the pick like the trials (after them on a tie)
-    ranked = sorted(rows, key=lambda t: (-sign * (t["values"][optimize] if optimize else t["value"]),
-                                         float("inf") if t.get("untuned") else t["number"]))
-    top = ranked[:top_k]
+    top = ranked_candidates(status["trials"], optimize, pick_by, status["direction"] == "maximize",
+                            base_row(status.get("baseline")))[:top_k]
     if not top:
         return []
     suites = [s for s in (optimize, pick_by) if s]
     params = sorted({p for t in top for p in t["params"]})
     header = ["trial", *suites, *[p.split(".")[-1] for p in params]]
-    pick = status.get("pick") or {}
+    pick = status.get("pick")
 
-    def name(t):
+    def name(t):  # the base's number is None, as the pick's is when the base is the pick
         label = "base (untuned)" if t.get("untuned") else str(t["number"])
-        chosen = t.get("untuned") if pick.get("untuned") else not t.get("untuned") and t["number"] == pick.get("number")
-        return f"**{label}** (pick)" if pick and chosen else label
+        return f"**{label}** (pick)" if pick and t["number"] == pick["number"] else label
 
     rows = [[name(t),
              *[f"{t['values'][s]:.4f}" for s in suites], *[_cell(t["params"].get(p)) for p in params]] for t in top]

@@ -335,12 +335,11 @@ def plot_task_scores(status: dict[str, Any]) -> "Figure":
     pick = status.get("pick")
     if pick is None:
         raise NothingToPlot("There is no pick (no COMPLETE feasible trial) to compare with the baseline.")
-    if pick.get("untuned"):
-        pick = status.get("best")
-        if pick is None:
-            raise NothingToPlot("The untuned base is the pick and no trial is COMPLETE to set beside it.")
-        values = next((t.get("values") for t in status["trials"] if t["number"] == pick["number"]), None)
-        pick = {**pick, "values": values, "shown": "best on the objective; the pick is the untuned base"}
+    shown = status.get("best") if pick.get("untuned") else pick
+    if shown is None:
+        raise NothingToPlot("The untuned base is the pick and no trial is COMPLETE to set beside it.")
+    role = "best on the objective; the pick is the untuned base" if pick.get("untuned") else "pick"
+    pick = shown
     trial = next((t for t in status["trials"] if t["number"] == pick["number"]), {})
     scores = trial.get("scores") or {}
     baseline = status.get("baseline") or {}
@@ -352,10 +351,9 @@ def plot_task_scores(status: dict[str, Any]) -> "Figure":
     positions = list(range(len(tasks)))
     width = 0.4 if base_scores else 0.6
     offset = width / 2 if base_scores else 0.0
-    shown = pick.get("shown", "pick")
-    label = f"pick: trial {pick['number']}" if shown == "pick" else f"trial {pick['number']}, {shown}"
+    label = f"pick: trial {pick['number']}" if role == "pick" else f"trial {pick['number']}, {role}"
     _bars(ax, [p - offset for p in positions], tasks, scores, trial.get("stderrs") or {}, width, PICK_COLOR,
-          f"{label} ({_values_text(pick.get('values'))})")
+          f"{label} ({_values_text(trial.get('values'))})")
     if base_scores:
         _bars(ax, [p + offset for p in positions], tasks, base_scores, baseline.get("stderrs") or {}, width,
               BASELINE_COLOR, f"baseline ({_values_text(baseline.get('values'))})")
@@ -363,7 +361,7 @@ def plot_task_scores(status: dict[str, Any]) -> "Figure":
     ax.grid(axis="x", visible=False)
     ax.set_ylim(0, _bar_top(ax) * 1.25)  # room for the legend above the bars
     ax.set_ylabel("score")
-    ax.set_title(f"Trial {pick['number']} ({shown}) against the baseline, by task", loc="left")
+    ax.set_title(f"Trial {pick['number']} ({role}) against the baseline, by task", loc="left")
     ax.legend(fontsize="small", framealpha=0.9)
     return fig
 

@@ -61,8 +61,6 @@ _PASSED_ENV = (
 
 
 POLL_S = 0.25
-GPU_OUT_OF_MEMORY = "out of memory at step"
-"""How the trainer's `TrainingOutOfMemory` (the GPU, under the profile's cap) starts its reason."""
 
 
 @dataclass(frozen=True)
@@ -279,24 +277,21 @@ def _pick_is_untuned(study, store: Store) -> bool:
         return False
 
 
-def enqueue_trials(study, config: SweepConfig) -> list[dict]:
+def enqueue_trials(study, config: SweepConfig) -> int:
     """Puts the config's `enqueue` parameter sets in the study's queue, in order: the next trials run them.
 
     A set the study already holds (run, running or waiting) is not added again, so a resumed study does not
-    repeat its recipes. Returns the sets added.
+    repeat its recipes. Returns how many were added.
     """
     from sweep.config import coerce_value
 
-    added = []
     before = len(study.get_trials(deepcopy=False))
     for params in config.enqueue:
-        fixed = {k: coerce_value(v, config.search_space[k]) for k, v in params.items()}
-        study.enqueue_trial(fixed, skip_if_exists=True)
-        if len(study.get_trials(deepcopy=False)) > before:
-            before += 1
-            added.append(fixed)
+        study.enqueue_trial({k: coerce_value(v, config.search_space[k]) for k, v in params.items()},
+                            skip_if_exists=True)
+    added = len(study.get_trials(deepcopy=False)) - before
     if added:
-        log.info("Enqueued %d trial(s) to run first: %s", len(added), "; ".join(_fmt(p) for p in added))
+        log.info("Enqueued %d trial(s) to run first (of %d parameter set(s))", added, len(config.enqueue))
     return added
 
 
@@ -682,8 +677,10 @@ class _Driver:
                 self._fail(flight, f"no space left on device while writing {what}")
                 raise DiskFull(what) from None
             # A slot that passed its host-memory limit killed itself: its watchdog left the reason by its log.
+            from trainer.train import TrainingOutOfMemory
+
             reason = out_of_memory_reason(flight.spec.log_file) or failure_reason(e)
-            if reason.startswith(GPU_OUT_OF_MEMORY) and self.formats > 1:
+            if isinstance(getattr(e, "cause", None), TrainingOutOfMemory) and self.formats > 1:
                 # The setting does not fit the profile's memory cap (a 16-bit base with long rows, say): the trial
                 # is infeasible, and where the space holds other base formats that is no reason to stop the start.
                 self._fail(flight, f"infeasible: {reason}", streak=False, feasible=False)

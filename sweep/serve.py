@@ -68,7 +68,9 @@ def export_problem(export_dir: Path, merged: bool) -> Optional[str]:
             return (f"{export_dir} has no merged model (merged/config.json): export it with `sweep export ... "
                     f"--merge`, or serve the adapter (leave out --merged)")
         return None
-    if not (export_dir / "adapter_config.json").is_file() and not (export_dir / "base_model.json").is_file():
+    from sweep.submission import BASE_EXPORT_FILE
+
+    if not (export_dir / "adapter_config.json").is_file() and not (export_dir / BASE_EXPORT_FILE).is_file():
         return (f"{export_dir} is not a sweep export (no adapter_config.json); pass the directory `sweep export "
                 f"--out` wrote")
     return None
@@ -94,30 +96,27 @@ def load_export(export_dir: str | Path, merged: bool = False, device: Optional[s
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": device})
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         description = f"{what}: the merged model"
-    elif (export_dir / "base_model.json").is_file() and not (export_dir / "adapter_config.json").is_file():
-        from sweep.submission import mode_of, model_config_of
-        from trainer.model import base_label, describe_base, load_base_model
-
-        record = _read_json(export_dir / "base_model.json")
-        model_config = model_config_of({"model": record.get("model") or {"name_or_path": record.get("base_model")}})
-        mode = mode_of({"trainer": {"mode": record.get("mode", "qlora")}})
-        model = load_base_model(model_config, device, attn_implementation="sdpa", mode=mode)
-        tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-        what = f"the untuned base, the pick of study {record.get('study', '?')}"
-        description = f"{what}: {model_config.name_or_path} ({base_label(describe_base(model_config, mode, device))})"
     else:
-        import peft
+        from sweep.submission import BASE_EXPORT_FILE, model_config_of
+        from trainer.model import base_label, describe_base, load_base_model, trained_mode
 
-        from sweep.submission import mode_of, model_config_of
-        from trainer.model import base_label, describe_base, load_base_model
+        untuned = not (export_dir / "adapter_config.json").is_file()  # the untuned base's export (the pick)
+        if untuned:
+            record = _read_json(export_dir / BASE_EXPORT_FILE)
+            trained = {"model": record.get("model") or {"name_or_path": record.get("base_model")},
+                       "trainer": {"mode": record.get("mode", "qlora")}}
+            what = f"the untuned base, the pick of study {record.get('study', '?')}"
+        else:
+            trained = yaml.safe_load((export_dir / "hyperparameters.yaml").read_text()) or {}
+        model_config, mode = model_config_of(trained), trained_mode(trained)
+        model = load_base_model(model_config, device, attn_implementation="sdpa", mode=mode)
+        if not untuned:
+            import peft
 
-        hyperparameters = yaml.safe_load((export_dir / "hyperparameters.yaml").read_text()) or {}
-        model_config, mode = model_config_of(hyperparameters), mode_of(hyperparameters)
-        base = load_base_model(model_config, device, attn_implementation="sdpa", mode=mode)
-        model = peft.PeftModel.from_pretrained(base, str(export_dir))
+            model = peft.PeftModel.from_pretrained(model, str(export_dir))
         tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-        form = base_label(describe_base(model_config, mode, device))
-        description = f"{what}: the adapter on its base {model_config.name_or_path} ({form})"
+        form = f"{model_config.name_or_path} ({base_label(describe_base(model_config, mode, device))})"
+        description = f"{what}: {form}" if untuned else f"{what}: the adapter on its base {form}"
     model.eval()
     for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
         if config is not None:

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import yaml
 
 MERGE_BASES = ("dequantized", "original")
+BASE_EXPORT_FILE = "base_model.json"
+"""What an export of the untuned base holds instead of an adapter: the base's id, revision and how it was scored."""
 # What `sweep serve` needs (its import path loads none of optuna, ray, SQLAlchemy or lm-eval): the versions an
 # export was made with, pinned by `sweep submission`.
 SERVING_PACKAGES = (
@@ -52,12 +54,6 @@ def model_config_of(hyperparameters: dict):
     from trainer.config import ModelConfig
 
     return from_dict(ModelConfig, hyperparameters.get("model") or {}, "hyperparameters.yaml", "model")
-
-
-def mode_of(hyperparameters: dict) -> str:
-    """The trial's `trainer.mode` (`qlora` or `lora`) from its hyperparameters.yaml; qlora when not recorded."""
-    mode = (hyperparameters.get("trainer") or {}).get("mode", "qlora")
-    return mode if mode in ("qlora", "lora") else "qlora"
 
 
 def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized", device: Optional[str] = None,
@@ -101,12 +97,12 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
     )
     core = core_model(quantized)
     paths = {id(module): name for name, module in core.named_modules()}
-    dense_weight = _int8_dense_weight if model_config.quant_type == "int8" else _dense_weight
+    int8 = model_config.quant_type == "int8"
+    dense_weight = _int8_dense_weight if int8 else _dense_weight
     with torch.no_grad():
         # Layer by layer, each quantized weight's dequantization with its LoRA delta added goes into the bf16
         # copy's weight of the same name: at most one dense layer is held beside the two models.
-        for parent, attribute, layer in (_int8_linears(core) if model_config.quant_type == "int8"
-                                         else quantized_linears(core)):
+        for parent, attribute, layer in quantized_linears(core, bits=8 if int8 else 4):
             lora = parent if attribute == "base_layer" else None
             if lora is not None and not _mergeable(lora):
                 raise ValueError("--merge dequantized: a DoRA adapter has no dense delta to add to the 4-bit "
@@ -119,32 +115,23 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
     return plain.eval()
 
 
-def _int8_linears(model) -> list[tuple[object, str, object]]:
-    """(parent module, attribute name, layer) for every bitsandbytes 8-bit linear layer of `model`."""
-    from bitsandbytes.nn import Linear8bitLt
-
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, Linear8bitLt)]
-
-
 def _int8_dense_weight(layer, lora):
     """An 8-bit layer's weight scaled back to float32 (its int8 rows times their absmax / 127), with the LoRA
     layer's delta added when one is given."""
     import torch
 
+    from evaluator.fast import with_lora_delta
+
     weight = layer.weight
     codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
-    dense = codes.to(torch.float32) * weight.SCB.to(torch.float32)[:, None] / 127
-    if lora is not None:
-        for adapter in lora.active_adapters:
-            if adapter in lora.lora_A:
-                dense += lora.get_delta_weight(adapter).to(dense.device, torch.float32)
-    return dense
+    return with_lora_delta(codes.to(torch.float32) * weight.SCB.to(torch.float32)[:, None] / 127, lora)
 
 
 def model_card(status: dict[str, Any], trial: dict[str, Any], hyperparameters: dict,
                merge: Optional[str] = None) -> str:
     """The export's README.md: a Hugging Face model card (YAML front matter, then what the sweep knows)."""
+    from trainer.model import trained_mode
+
     model = hyperparameters.get("model") or {}
     data = hyperparameters.get("data") or {}
     trainer = hyperparameters.get("trainer") or {}
@@ -163,7 +150,7 @@ def model_card(status: dict[str, Any], trial: dict[str, Any], hyperparameters: d
         f"A LoRA adapter on `{base}`, trained and picked by a `sweep` study.", "",
         "## Base and adapter", "",
         f"- Base: `{base}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
-        + f", {_loaded_as(model, mode_of(hyperparameters))} for training and scoring.",
+        + f", {_loaded_as(model, trained_mode(hyperparameters))} for training and scoring.",
         f"- LoRA: r={lora.get('r')}, alpha={_num(lora.get('alpha'))}, dropout={_num(lora.get('dropout'))}, "
         f"target modules {lora.get('target_modules')}"
         + (", rsLoRA" if lora.get("use_rslora") else "") + (", DoRA" if lora.get("use_dora") else "") + ".",

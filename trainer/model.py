@@ -294,13 +294,18 @@ def trained_base(hyperparameters_file: str | Path) -> tuple[ModelConfig | None, 
         return None, "qlora"
     if not isinstance(hyperparameters, dict):
         return None, "qlora"
-    mode = (hyperparameters.get("trainer") or {}).get("mode", "qlora")
+    mode = trained_mode(hyperparameters)
     model = hyperparameters.get("model")
     if not isinstance(model, dict):
-        return None, mode if mode in MODES else "qlora"
+        return None, mode
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        config = ModelConfig(**{k: v for k, v in model.items() if k in known})
+        return ModelConfig(**{k: v for k, v in model.items() if k in known}), mode
     except TypeError:
-        return None, "qlora"
-    return config, mode if mode in MODES else "qlora"
+        return None, mode
+
+
+def trained_mode(hyperparameters: dict) -> str:
+    """The `trainer.mode` (qlora or lora) a trial's resolved config records; qlora where it records none."""
+    mode = (hyperparameters.get("trainer") or {}).get("mode", "qlora")
+    return mode if mode in MODES else "qlora"
