@@ -1,7 +1,7 @@
 """Search efficiency: the best value found against the compute used, for random search, TPE and TPE with
 successive halving, on the demo (CPU, the demo base, its searched mix), over several seeds.
 
-Each method runs the demo's study from scratch through `sweep.scheduler.run_sweep`, with its own sampler and
+Each method runs the demo's study from scratch through `sweep.driver.run_sweep`, with its own sampler and
 pruner and the same search space, trial count and seed set. For each run it records, in the order the trials
 finished, the slot-seconds they used (each trial's `wall_seconds` in its worker: loading, data, training, rung
 evals, scoring) and the best objective value so far, plus the pick's value on the held-out suite.
@@ -39,7 +39,7 @@ def run_method(method: str, seed: int, args, work: Path, profile) -> dict:
     """One study of `method` from scratch: its trials' compute and the best value so far after each."""
     from sweep.config import load_config
     from sweep.export import study_status
-    from sweep.scheduler import run_sweep
+    from sweep.driver import run_sweep
     from sweep.store import Store
     from sweep.study import load_existing_study, make_storage
 

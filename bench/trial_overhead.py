@@ -68,7 +68,7 @@ def build_mistral_shape(out: Path) -> Path:
 
 def measure(mode: str, args, model_path: str, work: Path, profile) -> dict:
     from sweep.config import load_config
-    from sweep.scheduler import run_sweep
+    from sweep.driver import run_sweep
     from sweep.store import Store
 
     overrides = [

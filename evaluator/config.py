@@ -199,6 +199,12 @@ class EvalConfig:
         default="auto",
     )
     generation: GenerationConfig = doc("Decoding of generation tasks.", default_factory=GenerationConfig)
+    fast_path: bool = doc(
+        "false: score with plain lm-eval (HFLM on the same in-memory model, the same tasks and settings): the "
+        "reference the fast path is checked against; also taken when an lm-eval hook is outside its checked "
+        "versions.",
+        default=True,
+    )
 
     def validate(self) -> None:
         if self.tasks and self.suites:

@@ -21,6 +21,7 @@ import inspect
 import logging
 import time
 
+from evaluator import compat
 from evaluator.fast import core_model
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,13 @@ def _repeat_mask(mask, group: int):
 
 @contextlib.contextmanager
 def grouped_attention(core):
-    """Runs the block with `ATTENTION` as the model's attention, then restores the one it had."""
-    if not hasattr(core, "set_attn_implementation"):
+    """Runs the block with `ATTENTION` as the model's attention, then restores the one it had (the model's own
+    throughout where transformers cannot say which that is: `evaluator.compat.attn_implementation`)."""
+    before = compat.attn_implementation(core)
+    if before is None:
         yield
         return
     _register_attention()
-    before = core.config._attn_implementation
     try:
         core.set_attn_implementation(ATTENTION)
     except (ValueError, ImportError) as e:  # an architecture that only runs its own attention
@@ -219,10 +221,7 @@ class GreedyDecoder:
 
     def cache_bytes(self) -> int:
         """Bytes the kept static cache holds (freed when a batch needs a bigger one)."""
-        if self.session is None:
-            return 0
-        return sum(t.numel() * t.element_size() for layer in self.session.cache.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+        return 0 if self.session is None else compat.static_cache_bytes(self.session.cache)
 
 
 def greedy_generate(model, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool = True, **kwargs):
@@ -276,14 +275,8 @@ class _Session:
                         attention_mask=_prefill_mask(valid, prompt + pad, prompt + pad)[:, None],
                         position_ids=F.pad(positions[start:end], (pad, 0)), past_key_values=own, use_cache=True,
                         logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1)
-        for layer, part in zip(self.cache.layers, own.layers, strict=True):
-            if not layer.is_initialized:
-                shape = (self.batch, part.keys.shape[1], self.slots, part.keys.shape[3])
-                layer.lazy_initialization(part.keys.new_empty(shape), part.values.new_empty(shape))
-            layer.keys[start:end, :, :prompt].copy_(part.keys[:, :, pad:])
-            layer.values[start:end, :, :prompt].copy_(part.values[:, :, pad:])
-        return token
+        compat.copy_into_static_cache(self.cache, own, start, end, pad, (self.batch, self.slots))
+        return out.logits[:, -1].argmax(-1)
 
     def generate(self, input_ids, attention_mask, rows, max_new_tokens, stop_check, eos_token_id, pad_token_id,
                  check_every, prefill_rows):
@@ -300,7 +293,7 @@ class _Session:
         # Padding rows' cache stays zero: their attention is finite and their tokens are dropped.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            if (prefill_rows >= batch and rows == batch) or not _copyable(self.cache):
+            if (prefill_rows >= batch and rows == batch) or not compat.prefill_in_chunks():
                 token = self._prefill(input_ids, positions, slots)
             else:  # in chunks; the padding rows, finished from the start, are not prefilled at all
                 # Chunks of even size: 100 rows at 9 a chunk go as 12 chunks of 8 or 9, not 11 of 9 and one of 1.
@@ -309,9 +302,7 @@ class _Session:
                 token = torch.cat([self._prefill_rows(input_ids, positions, start, end)
                                    for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
                                   + [torch.zeros(batch - rows, dtype=torch.long, device=device)])
-                for layer in self.cache.layers:  # where the next write goes, for versions that count it
-                    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                        layer.cumulative_length.fill_(prompt)
+                compat.set_static_cache_length(self.cache, prompt)
         prefilled = _synced(device)
         capture = 0.0
 
@@ -366,13 +357,6 @@ def _prefill_mask(valid, prompt: int, width: int):
     diagonal = torch.arange(prompt, device=valid.device)  # indices on the device: no wait for the GPU here
     mask[:, diagonal, diagonal] = True
     return mask
-
-
-def _copyable(cache) -> bool:
-    """Whether a chunk's keys and values can be copied into the static cache's layers (transformers >= 4.56)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(hasattr(layer, "lazy_initialization") and hasattr(layer, "is_initialized")
-                                for layer in layers)
 
 
 def _synced(device) -> float:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from evaluator import compat
+
 GIB = 2**30
 
 
@@ -103,9 +105,11 @@ def free_bytes(device, memory_budget_gib: float | None) -> int | None:
 
 def use_dense(model, mode: bool | str, device, memory_budget_gib: float | None) -> bool:
     """Whether scoring uses `dense_base`: `mode` true or false, or `auto`: on a GPU, when the copy fits in
-    half the free memory."""
-    if mode is True or mode is False:
-        return mode and bool(quantized_linears(model))
+    half the free memory. Never with a bitsandbytes outside its checked versions (`evaluator.compat`)."""
+    if mode is False or not quantized_linears(model) or not compat.dense_copy_allowed():
+        return False
+    if mode is True:
+        return True
     size = dense_bytes(model)
     free = free_bytes(device, memory_budget_gib)
     return size > 0 and free is not None and size <= free / 2
@@ -291,8 +295,7 @@ def _dequantized(layer):
     import bitsandbytes.functional as bnbf
 
     param = layer.weight
-    if getattr(param.quant_state, "packing_format_for_cpu", False):
-        param.data, param.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(param.data, param.quant_state)
+    compat.standard_4bit_layout(param)
     return bnbf.dequantize_4bit(param.data, param.quant_state)
 
 

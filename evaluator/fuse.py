@@ -11,15 +11,16 @@ of the same formulas (each compiled a few times per process, for every
 layer and every shape), then restores the model's own.
 
 Only architectures whose code is known to match the formulas here are
-fused (`FUSED_ARCHITECTURES`); others score unchanged.
+fused (`FUSED_ARCHITECTURES`); others score unchanged. The swap itself
+reaches into transformers' modeling code: it is `evaluator.compat`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 
+from evaluator.compat import swapped_elementwise
 from evaluator.fast import core_model
 
 FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
@@ -88,18 +89,15 @@ def can_fuse(model) -> bool:
 def fused_elementwise(model, backend: str = "inductor"):
     """Runs the block with RMSNorm, rotary embeddings and the MLP's SiLU gate as compiled kernels.
 
-    Yields whether the model was fused (False for other architectures).
+    Yields whether the model was fused (False for other architectures, and
+    with a transformers outside the versions the swap was checked against).
     `backend="eager"` runs the same formulas uncompiled (tests).
     """
-    import types
-
     if not can_fuse(model):
         yield False
         return
     core = core_model(model)
-    prefix = FUSED_ARCHITECTURES[type(core).__name__]
     rms_norm, silu_gate, rotary = _kernels(backend)
-    modeling = sys.modules[type(core).__module__]
 
     def norm_forward(self, hidden_states):
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -107,20 +105,6 @@ def fused_elementwise(model, backend: str = "inductor"):
     def mlp_forward(self, x):
         return self.down_proj(silu_gate(self.gate_proj(x), self.up_proj(x)))
 
-    patched = []
-    saved_rotary = modeling.apply_rotary_pos_emb
-    try:
-        for module in core.modules():
-            name = type(module).__name__
-            if name == f"{prefix}RMSNorm":
-                module.forward = types.MethodType(norm_forward, module)
-                patched.append(module)
-            elif name == f"{prefix}MLP":
-                module.forward = types.MethodType(mlp_forward, module)
-                patched.append(module)
-        modeling.apply_rotary_pos_emb = rotary
-        yield True
-    finally:
-        modeling.apply_rotary_pos_emb = saved_rotary
-        for module in patched:
-            del module.forward  # the class's own forward again
+    prefix = FUSED_ARCHITECTURES[type(core).__name__]
+    with swapped_elementwise(core, prefix, norm_forward, mlp_forward, rotary) as swapped:
+        yield swapped

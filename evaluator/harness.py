@@ -1,4 +1,10 @@
-"""Scoring a loaded model with lm-eval: local tasks written at run time, hub tasks by name."""
+"""Scoring a trial's model with lm-eval: local tasks written at run time, hub tasks by name.
+
+Two paths give the same scores: the fast one (every task in one lm-eval `evaluate` call, requests built once
+per worker, `evaluator.lm.SweepLM`'s speed layer, the dense copy and fused kernels where they apply), and plain
+lm-eval (stock HFLM and `simple_evaluate`), the reference the fast one is checked against and what runs when
+lm-eval is outside the releases `evaluator.compat` was checked against.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,13 @@ from pathlib import Path
 
 import yaml
 
+from evaluator import compat
 from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.decode import grouped_attention
-from evaluator.fast import core_model, dense_base, free_bytes, generation_plan, use_dense
+from evaluator.fast import core_model, dense_base, use_dense
 from evaluator.fuse import fused_elementwise
 
 log = logging.getLogger(__name__)
-# Generation settings that do not change a greedy decode.
-GREEDY_IGNORED = {"top_p", "top_k", "min_p"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class EvalResult:
     """Each task's standard error, from its per-document values (`standard_error`); absent where unknown."""
     num_docs: dict[str, int] = dataclasses.field(default_factory=dict)
     """Documents each task was scored on."""
+    fast_path: bool = True
+    """Scored by the fast path; False: by plain lm-eval (asked for, or lm-eval outside its checked versions)."""
 
 
 def write_choice_task(name: str, data_file: str | Path, task_dir: str | Path) -> Path:
@@ -75,6 +82,7 @@ def evaluate(
     dequantize: bool | str = "auto",
     memory_budget_gib: float | None = None,
     fuse_kernels: bool | str = "auto",
+    fast_path: bool = True,
 ) -> EvalResult:
     """Scores `model` on `tasks` with lm-eval and returns each task's metric.
 
@@ -95,6 +103,11 @@ def evaluate(
             generation batches; None: the whole card.
         fuse_kernels: run RMSNorm, rotary embeddings and the SiLU gate as
             compiled kernels (`evaluator.fuse`): true, false, or `auto` (on a GPU).
+        fast_path: false: score with plain lm-eval (`_score_plain`), the
+            reference the fast path is checked against; also taken when an
+            lm-eval hook is outside its checked versions (`evaluator.compat`).
+            The plain path ignores `dequantize`, `fuse_kernels` and the
+            generation batch size.
     """
     start = time.perf_counter()
     was_training = model.training
@@ -110,18 +123,15 @@ def evaluate(
     saved_cache = [getattr(c, "use_cache", None) for c in configs]
     for c in configs:
         c.use_cache = True
-    # Scoring passes explicit 4D masks (padding, shared-prefix blocks): flex attention, which trials train
-    # with, would turn each into a block mask. Scoring runs sdpa, reading each key/value head once for its
-    # group of query heads (`evaluator.decode.grouped_attention`), and puts the model's own back afterwards.
-    device = next(model.parameters()).device
-    dense = use_dense(model, dequantize, device, memory_budget_gib)
-    fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
+    fast = fast_path and compat.fast_scoring()
+    dense = False
     try:
-        with grouped_attention(core_model(model)), dense_base(model) if dense else contextlib.nullcontext(), \
-                fused_elementwise(model) if fuse else contextlib.nullcontext():
-            lm = _language_model(model, tokenizer, batch_size, generation, memory_budget_gib)
-            scores, per_doc = _score(lm, tasks, task_manager(tasks, task_dir), generation)
-            del lm  # its decoder's KV cache and CUDA graph go before the dense copy does
+        if fast:
+            scores, per_doc, dense = _score_fast(model, tokenizer, tasks, task_dir, batch_size, generation,
+                                                 dequantize, memory_budget_gib, fuse_kernels)
+        else:
+            log.info("scoring with plain lm-eval (%s)", "asked for" if not fast_path else "lm-eval out of range")
+            scores, per_doc = _score_plain(model, tokenizer, tasks, task_dir, batch_size, generation)
     finally:
         for c, value in zip(configs, saved_cache, strict=True):
             c.use_cache = value
@@ -129,7 +139,76 @@ def evaluate(
             model.train()
     stderrs = {name: se for name, values in per_doc.items() if (se := standard_error(values)) is not None}
     return EvalResult(scores=scores, eval_seconds=time.perf_counter() - start, dense=dense, stderrs=stderrs,
-                      num_docs={name: len(values) for name, values in per_doc.items() if values})
+                      num_docs={name: len(values) for name, values in per_doc.items() if values}, fast_path=fast)
+
+
+def _score_fast(model, tokenizer, tasks, task_dir, batch_size, generation, dequantize, memory_budget_gib,
+                fuse_kernels) -> tuple[dict[str, float], dict[str, list[float]], bool]:
+    """Scores, per-document values and whether the dense copy was used, with the whole speed layer.
+
+    Scoring passes explicit 4D masks (padding, shared-prefix blocks): flex attention, which trials train
+    with, would turn each into a block mask. Scoring runs sdpa, reading each key/value head once for its
+    group of query heads (`evaluator.decode.grouped_attention`), and puts the model's own back afterwards.
+    """
+    from evaluator.lm import SweepLM
+
+    device = next(model.parameters()).device
+    dense = use_dense(model, dequantize, device, memory_budget_gib)
+    fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
+    with grouped_attention(core_model(model)), dense_base(model) if dense else contextlib.nullcontext(), \
+            fused_elementwise(model) if fuse else contextlib.nullcontext():
+        lm = SweepLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, memory_budget_gib=memory_budget_gib,
+                     generation_batch_size=generation.batch_size if generation is not None else "auto")
+        scores, per_doc = score_tasks(lm, tasks, task_manager(tasks, task_dir), generation)
+        del lm  # its decoder's KV cache and CUDA graph go before the dense copy does
+    return scores, per_doc, dense
+
+
+def _score_plain(model, tokenizer, tasks: list[TaskConfig], task_dir, batch_size: int,
+                 generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Scores and per-document values from plain lm-eval: stock HFLM on the same in-memory model, and
+    `simple_evaluate` with its own seeds, once per set of tasks that share a few-shot count, a limit and
+    generation settings (it takes one of each per call). None of the speed layer runs.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = task_manager(tasks, task_dir)
+    by_settings: dict[tuple, list[TaskConfig]] = {}
+    for t in tasks:
+        gen_kwargs = _task_gen_kwargs(t, generation)
+        by_settings.setdefault((t.num_fewshot, t.limit, json.dumps(gen_kwargs, sort_keys=True)), []).append(t)
+    scores, per_doc = {}, {}
+    for (num_fewshot, limit, gen_kwargs), group in by_settings.items():
+        results = simple_evaluate(model=lm, tasks=[t.name for t in group], num_fewshot=num_fewshot, limit=limit,
+                                  gen_kwargs=json.loads(gen_kwargs), task_manager=manager, bootstrap_iters=0,
+                                  log_samples=True)
+        for t in group:
+            scores[t.name] = _metric(results["results"], t)
+            per_doc[t.name] = _sample_values(results, t)
+    return scores, per_doc
+
+
+def _sample_values(results: dict, task: TaskConfig) -> list[float]:
+    """The per-document values of the task's metric in `simple_evaluate`'s logged samples (pooled over the
+    subtasks of a group)."""
+    name, _, filter_key = task.metric.partition(",")
+    filter_key = filter_key or "none"
+    values = []
+    for leaf in _leaf_tasks(task.name, results.get("group_subtasks") or {}):
+        for sample in results.get("samples", {}).get(leaf, []):
+            value = sample.get(name)
+            if sample.get("filter") == filter_key and isinstance(value, bool | int | float):
+                values.append(float(value))
+    return values
+
+
+def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
+    """The tasks under a group (and its groups), or the task itself."""
+    if name not in subtasks:
+        return [name]
+    return [leaf for child in subtasks[name] for leaf in _leaf_tasks(child, subtasks)]
 
 
 def standard_error(values: list[float]) -> float | None:
@@ -148,35 +227,8 @@ def standard_error(values: list[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-@contextlib.contextmanager
-def _lean_lm_eval():
-    """Keeps Jinja from compiling each task template again for every document while scoring (about a
-    millisecond each, two or three per document): compiled templates are kept by their text."""
-    import functools
-
-    import lm_eval.utils as lm_utils
-
-    compiled = functools.lru_cache(maxsize=1024)(lm_utils.env.from_string)
-
-    def apply_template(template: str, doc: dict) -> str:
-        return compiled(template).render(**doc)
-
-    saved = lm_utils.apply_template
-    lm_utils.apply_template = apply_template
-    try:
-        yield
-    finally:
-        lm_utils.apply_template = saved
-
-
-def _score(lm, tasks: list[TaskConfig], manager,
-           generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
-    with _lean_lm_eval():
-        return _score_tasks(lm, tasks, manager, generation)
-
-
-def _score_tasks(lm, tasks: list[TaskConfig], manager,
-                 generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+def score_tasks(lm, tasks: list[TaskConfig], manager,
+                generation: GenerationConfig | None) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Scores every task in one lm-eval `evaluate` call, each with its own few-shot count, limit and generation
     settings.
 
@@ -184,21 +236,18 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager,
     generation settings per call, so the default suites took eight calls: eight
     rounds of lm-eval's setup, and the model run eight times at batch sizes
     each call's requests leave. Here the tasks are loaded and set up as
-    `simple_evaluate` does (its seeds, its few-shot rules), each with its own
-    settings, and `evaluate` runs them together: all log-likelihood requests
-    in one pass, generation batched by settings (`SweepLM.generate_until`).
+    `simple_evaluate` does (its seeds, its few-shot rules: `evaluator.compat`),
+    each with its own settings, and `evaluate` runs them together: all
+    log-likelihood requests in one pass, generation batched by settings
+    (`SweepLM.generate_until`).
 
     Returns each task's score and its per-document values of the task's metric (pooled over the
     subtasks of a group).
     """
-    import random
-
-    import numpy as np
-    import torch
     from lm_eval.evaluator import evaluate as lm_evaluate
 
     settings = [_task_gen_kwargs(t, generation) for t in tasks]
-    key = getattr(manager, "sweep_key", None)
+    key = _MANAGER_KEYS.get(manager)
     if key is not None:
         key = (key, tuple((t.name, t.num_fewshot, t.limit, json.dumps(g, sort_keys=True))
                           for t, g in zip(tasks, settings, strict=True)),
@@ -212,14 +261,12 @@ def _score_tasks(lm, tasks: list[TaskConfig], manager,
                 _PREPARED.popitem(last=False)
     else:
         _PREPARED.move_to_end(key)
-    # simple_evaluate's seeds: the same few-shot examples, and the same draws for any sampled generation.
-    random.seed(0)
-    np.random.seed(1234)
-    torch.manual_seed(1234)
+    compat.seed_as_simple_evaluate()
     merged, members = prepared
     for task in (task for group in members.values() for task in group):
         _DOC_METRICS[task] = []
-    results = lm_evaluate(lm=lm, task_dict=merged, bootstrap_iters=0, log_samples=False)
+    with compat.template_cache():
+        results = lm_evaluate(lm=lm, task_dict=merged, bootstrap_iters=0, log_samples=False)
     scores = {t.name: _metric(results["results"], t) for t in tasks}
     return scores, {t.name: _doc_values(members[t.name], t.metric) for t in tasks}
 
@@ -228,19 +275,8 @@ _DOC_METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """What each set-up task's `process_results` returned in the current `evaluate` call, in call order."""
 
 
-def _keep_doc_metrics(task) -> None:
-    """Keeps what `process_results` returns for each document (lm-eval keeps it only inside `evaluate`)."""
-    import functools
-
-    process = task.process_results
-
-    @functools.wraps(process)
-    def process_results(doc, results):
-        metrics = process(doc, results)
-        _DOC_METRICS.setdefault(task, []).append(metrics)
-        return metrics
-
-    task.process_results = process_results
+def _record_doc_metrics(task, metrics: dict) -> None:
+    _DOC_METRICS.setdefault(task, []).append(metrics)
 
 
 def _doc_values(tasks: list, metric: str) -> list[float]:
@@ -267,7 +303,7 @@ def _doc_values(tasks: list, metric: str) -> list[float]:
 
 
 _PREPARED: collections.OrderedDict = collections.OrderedDict()
-"""The last few task sets `_score_tasks` loaded and built the requests of, by task settings and files."""
+"""The last few task sets `score_tasks` loaded and built the requests of, by task settings and files."""
 
 
 def _task_gen_kwargs(task: TaskConfig, generation: GenerationConfig | None) -> dict | None:
@@ -278,7 +314,8 @@ def _task_gen_kwargs(task: TaskConfig, generation: GenerationConfig | None) -> d
 
 
 def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -> tuple[dict, dict[str, list]]:
-    """lm-eval's task dict of `tasks`, each set up (`_set_up`), its requests kept after they are first built.
+    """lm-eval's task dict of `tasks`, each set up as `simple_evaluate` would, its requests kept after they are
+    first built.
 
     Loading a task and building its requests (templates over every document,
     few-shot sampling) took about a second of each trial's scoring of the
@@ -291,252 +328,13 @@ def _load_tasks(manager, tasks: list[TaskConfig], settings: list[dict | None]) -
         for name, task in loaded["tasks"].items():
             if name in merged["tasks"]:
                 raise ValueError(f"lm-eval task {name!r} is scored twice (by {t.name!r} and an earlier task)")
-            _set_up(task, t.num_fewshot, t.limit, gen_kwargs)
-            _keep_requests(task)
-            _keep_doc_metrics(task)
+            compat.set_up_task(task, t.num_fewshot, t.limit, gen_kwargs)
+            compat.keep_requests(task)
+            compat.keep_doc_metrics(task, _record_doc_metrics)
         members[t.name] = list(loaded["tasks"].values())
         for key in merged:
             merged[key].update(loaded.get(key) or {})
     return merged, members
-
-
-def _keep_requests(task) -> None:
-    """Makes the task build its requests once: later calls get the same ones back, their answers cleared."""
-    import functools
-
-    build = task.build_all_requests
-    kept: list = []
-
-    @functools.wraps(build)
-    def build_all_requests(*args, **kwargs):
-        if not kept:
-            build(*args, **kwargs)
-            kept.extend(task._instances)
-            return
-        for instance in kept:
-            instance.resps.clear()
-            instance.filtered_resps.clear()
-        task._instances = list(kept)
-
-    task.build_all_requests = build_all_requests
-
-
-def _set_up(task, num_fewshot: int | None, limit: int | None, gen_kwargs: dict | None) -> None:
-    """Configures one lm-eval task as `simple_evaluate` would with these arguments."""
-    import functools
-
-    if task.get_config("output_type") == "generate_until" and gen_kwargs is not None:
-        task.set_config(key="generation_kwargs", value=gen_kwargs, update=True)
-    if num_fewshot is not None:
-        if task.get_config("num_fewshot") != 0:  # a task whose config says 0 keeps it, as in simple_evaluate
-            task.set_config(key="num_fewshot", value=num_fewshot)
-    elif task.get_config("num_fewshot") is None:
-        task.set_config(key="num_fewshot", value=0)
-    task.set_fewshot_seed(seed=1234)
-    # `evaluate` gives every task one limit, both when it builds the requests and when it reads the answers
-    # back: this task's own goes in instead (the first `limit` documents).
-    documents = task.doc_iterator
-
-    @functools.wraps(documents)
-    def doc_iterator(*args, **kwargs):
-        return documents(*args, **{**kwargs, "limit": limit or None})
-
-    task.doc_iterator = doc_iterator
-
-
-def _language_model(model, tokenizer, batch_size: int, generation: GenerationConfig | None, budget_gib):
-    """lm-eval's HF wrapper around the loaded model, with generation batches of their own size.
-
-    Decoding is bound by per-step overhead, not arithmetic, so it wants far
-    larger batches than log-likelihood scoring (whose logits grow with
-    batch x length x vocabulary). `generation.batch_size: auto` fits as many
-    sequences as the KV cache and the prefill leave room for.
-    """
-    import torch
-    from lm_eval.models.huggingface import HFLM
-
-    from evaluator.decode import GreedyDecoder
-    from evaluator.prefix import shared_prefix_loglikelihoods
-
-    planned = generation.batch_size if generation is not None else "auto"
-
-    class SweepLM(HFLM):
-        decoder = None  # a GreedyDecoder, made at the first generation request and kept for the next ones
-        prefill_rows = None  # rows prefilled at once (the memory plan of the current requests); None: all
-
-        def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            kwargs = dict(generation_kwargs)
-            attention_mask = kwargs.pop("attention_mask", None)
-            sampling = kwargs.pop("do_sample", False) or (kwargs.pop("temperature", 0.0) or 0.0) > 0
-            if sampling or set(kwargs) - GREEDY_IGNORED:  # sampling, beams, penalties: transformers' generate
-                return super()._model_generate(context, max_length, stop, **generation_kwargs)
-            stops = [s for s in stop if s]
-
-            def finished(rows: list[list[int]]) -> list[bool]:
-                texts = self.tokenizer.batch_decode(rows, skip_special_tokens=False)
-                return [any(s in text for s in stops) for text in texts]
-
-            if self.decoder is None:
-                self.decoder = GreedyDecoder(self.model)
-            return self.decoder.generate(
-                context,
-                attention_mask if attention_mask is not None else torch.ones_like(context),
-                max_length - context.shape[1], stop_check=finished, eos_token_id=self.eot_token_id,
-                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
-                prefill_rows=self.prefill_rows,
-            )
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
-                       **kwargs):
-            if kwargs:
-                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
-            cache = token_cache(self.tokenizer)
-            key = ("text", self.add_bos_token, add_special_tokens, string)
-            ids = cache.get(key)
-            if ids is None:
-                ids = super().tok_encode(string, add_special_tokens)
-                cache.put(key, ids)
-            ids = list(ids)
-            return ids[-left_truncate_len:] if left_truncate_len else ids
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            pairs = [req.args for req in requests]
-            if self.backend != "causal" or any(context == "" for context, _ in pairs):
-                return super().loglikelihood(requests, disable_tqdm)
-            encoded = encode_pairs(self, pairs)
-            return self._loglikelihood_tokens([(pair, *enc) for pair, enc in zip(pairs, encoded, strict=True)],
-                                              disable_tqdm=disable_tqdm)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            if self.backend != "causal" or any(len(c) + len(k) > self.max_length for _, c, k in requests):
-                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            started = time.perf_counter()
-            results = shared_prefix_loglikelihoods(
-                self.model, [(c, k) for _, c, k in requests], self.max_length, token_budget=batch_size * 512
-            )
-            log.debug("scored %d continuations in %.2fs", len(requests), time.perf_counter() - started)
-            for (request, _, _), answer in zip(requests, results, strict=True):
-                self.cache_hook.add_partial("loglikelihood", request, answer)
-            return results
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            if not requests:
-                return []
-            # Tasks with their own settings (max_gen_toks above all) come in one call: each set is planned
-            # and decoded on its own, and the answers go back in the requests' order.
-            by_settings: dict[str, list[int]] = {}
-            for i, request in enumerate(requests):
-                by_settings.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
-            if len(by_settings) > 1:
-                answers = [""] * len(requests)
-                for indices in by_settings.values():
-                    part = self.generate_until([requests[i] for i in indices], disable_tqdm)
-                    for i, answer in zip(indices, part, strict=True):
-                        answers[i] = answer
-                return answers
-            size, self.prefill_rows = planned, None
-            if size == "auto":
-                contexts = max(len(self.tok_encode(r.args[0])) for r in requests)
-                new = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
-                free = free_bytes(self.device, budget_gib)
-                if free is not None and self.decoder is not None:  # the kept cache goes if the plan needs more
-                    free += self.decoder.cache_bytes()
-                plan = generation_plan(self.model.config, free, contexts, new, len(requests), batch_size)
-                # Even batches: a short last batch would decode as slowly as a full one (its cache is as wide).
-                size = -(-len(requests) // -(-len(requests) // plan.rows))
-                self.prefill_rows = min(size, plan.prefill_rows)
-                log.info("decoding %d requests %d at a time, prefilled %d at a time (prompts up to %d tokens, "
-                         "up to %d new)", len(requests), size, self.prefill_rows, contexts, new)
-            saved = self.batch_size_per_gpu
-            self.batch_size_per_gpu = size
-            try:
-                return super().generate_until(requests, disable_tqdm)
-            finally:
-                self.batch_size_per_gpu = saved
-
-    return SweepLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-
-
-def encode_pairs(lm, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each (context, continuation), as lm-eval's `_encode_pair` makes them, in a few batched calls.
-
-    lm-eval tokenizes each request twice, one call at a time (the context, and
-    context plus continuation); a multiple-choice document repeats its context
-    once per choice. Here each distinct text is tokenized once, in batches.
-    As in `_encode_pair`, a context's trailing spaces move to its continuation,
-    and the continuation's tokens are what the whole has past the context's.
-    """
-    split = []
-    for context, continuation in pairs:
-        spaces = len(context) - len(context.rstrip())
-        split.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
-    texts = list(dict.fromkeys(t for context, continuation in split for t in (context, context + continuation)))
-    tokens = dict(zip(texts, _encode_texts(lm, texts), strict=True))
-    out = []
-    for context, continuation in split:
-        context_ids = tokens[context]
-        out.append((context_ids, tokens[context + continuation][len(context_ids):]))
-    return out
-
-
-def _encode_texts(lm, texts: list[str]) -> list[list[int]]:
-    """`lm.tok_encode` of each text, batched: texts that start with the BOS string get no special tokens.
-
-    Texts seen before with this tokenizer come from `token_cache`.
-    """
-    bos = lm.tokenizer.decode(lm.prefix_token_id)
-    default = {} if lm.add_bos_token is None else {"add_special_tokens": lm.add_bos_token}
-    cache = token_cache(lm.tokenizer)
-    groups: dict[bool, list[int]] = {}
-    out: list[list[int]] = [[] for _ in texts]
-    for i, text in enumerate(texts):
-        has_bos = bool(bos) and text.startswith(bos)
-        hit = cache.get(("pair", lm.add_bos_token, has_bos, text))
-        if hit is not None:
-            out[i] = list(hit)
-        else:
-            groups.setdefault(has_bos, []).append(i)
-    for has_bos, indices in groups.items():
-        kwargs = {"add_special_tokens": False} if has_bos else default
-        for i, ids in zip(indices, lm.tokenizer([texts[i] for i in indices], **kwargs)["input_ids"], strict=True):
-            out[i] = list(ids)
-            cache.put(("pair", lm.add_bos_token, has_bos, texts[i]), out[i])
-    return out
-
-
-class _TokenCache:
-    """Token ids by text (and encoding settings), at most `limit` entries; the oldest go first."""
-
-    def __init__(self, limit: int = 500_000):
-        self.limit = limit
-        self.entries: dict[tuple, tuple[int, ...]] = {}
-
-    def get(self, key: tuple) -> tuple[int, ...] | None:
-        return self.entries.get(key)
-
-    def put(self, key: tuple, ids: list[int]) -> None:
-        if len(self.entries) >= self.limit:
-            for old in list(self.entries)[: self.limit // 4]:
-                del self.entries[old]
-        self.entries[key] = tuple(ids)
-
-
-_TOKEN_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def token_cache(tokenizer) -> _TokenCache:
-    """The token ids this tokenizer has produced for scoring, by text.
-
-    A trial scores the same documents with the same prompts (lm-eval seeds
-    its few-shot sampling) as the trials before it, and a worker that keeps its
-    base keeps its tokenizer: from the second trial on, a worker tokenizes
-    nothing it has scored before (on an H100 host, tokenizing the default
-    suites' log-likelihood requests took about 0.7 s of a trial's scoring).
-    """
-    cache = _TOKEN_CACHES.get(tokenizer)
-    if cache is None:
-        cache = _TOKEN_CACHES[tokenizer] = _TokenCache()
-    return cache
 
 
 def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):
@@ -554,7 +352,7 @@ def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):
     manager = _MANAGERS.get(key)
     if manager is None:
         manager = TaskManager(include_path=paths, include_defaults=include_defaults)
-        manager.sweep_key = key  # `_score_tasks` keeps built requests per index
+        _MANAGER_KEYS[manager] = key  # `score_tasks` keeps built requests per index
         _MANAGERS[key] = manager
         while len(_MANAGERS) > 4:
             _MANAGERS.popitem(last=False)
@@ -564,6 +362,8 @@ def task_manager(tasks: list[TaskConfig], task_dir: str | Path | None):
 
 
 _MANAGERS: collections.OrderedDict = collections.OrderedDict()
+_MANAGER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The key each index was built under (`task_manager`), which keys the requests built from it (`_PREPARED`)."""
 
 
 def _files_state(paths: list[str]) -> tuple:

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Optional
 
+from trainer.compat import CompatError
+
 DEFAULT_STORAGE = "sqlite:///studies.db"
 
 
@@ -130,11 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--study", help="the study to check against (default: study.name of the config)")
     validate.add_argument("--file-only", action="store_true",
                           help="check the file only: not the model, the tasks and the data it names")
+
+    # Every argument after `lm-eval` goes to lm-eval's own CLI, unchanged (its --help included).
+    sub.add_parser("lm-eval", add_help=False, prefix_chars="\0",
+                   help="lm-eval's own CLI with this project's fast scoring registered as `--model sweep` "
+                        "(e.g. sweep lm-eval --model sweep --model_args pretrained=DIR --tasks NAME)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "lm-eval":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "storage", None):
         args.storage = storage_url(args.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -142,13 +152,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "start": cmd_start, "status": cmd_status, "export": cmd_export,
         "dashboard": cmd_dashboard, "validate": cmd_validate, "contamination": cmd_contamination,
         "report": cmd_report, "serve": cmd_serve, "submission": cmd_submission,
+        "lm-eval": lambda _: cmd_lm_eval(rest),
     }
     debug = args.debug or os.environ.get("SWEEP_DEBUG", "").lower() not in ("", "0", "false", "no")
     args.debug = debug
     try:
         with _storage_errors(getattr(args, "storage", None)):
             return commands[args.command](args)
-    except CliError as e:
+    except (CliError, CompatError) as e:  # CompatError: a hook met a library release it was not checked against
         if debug:
             _print_traceback(e)
         else:
@@ -258,7 +269,7 @@ def cmd_start(args) -> int:
     _check_storage(args.storage, write=True)  # before Ray, the data or the base model: a start that cannot write stops
 
     from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
-    from sweep.scheduler import run_sweep
+    from sweep.driver import run_sweep
     from sweep.study import StudyError, best_params
 
     if args.top is not None and args.enqueue_best_from is None:
@@ -352,7 +363,7 @@ def cmd_contamination(args) -> int:
     from pathlib import Path
 
     from sweep.contamination import format_report, format_shared, hub_unreachable, overlap_report, shared_datasets
-    from sweep.scheduler import prepare_tasks
+    from sweep.tasks import prepare_tasks
     from sweep.worker import failure_reason
 
     config = _config(args.config, args.overrides)
@@ -503,6 +514,14 @@ def cmd_report(args) -> int:
                        f"--out in a writable place") from None
     print(f"Report of study {study.study_name} ({len(status['trials'])} trial(s)): {index}")
     return 0
+
+
+def cmd_lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI, unchanged, with `--model sweep` registered (`evaluator.cli`); its errors are one line here
+    too (the traceback on --debug)."""
+    from evaluator.cli import main as lm_eval_main
+
+    return lm_eval_main(argv)
 
 
 def _config(path, overrides):

@@ -25,7 +25,8 @@ import numpy as np
 
 from evaluator.config import TaskConfig
 from sweep.config import SweepConfig
-from trainer.data import example_text, ngrams, read_examples
+from trainer.data import example_text, ngrams
+from trainer.sources import read_source
 
 log = logging.getLogger("sweep")
 
@@ -251,7 +252,7 @@ def overlap_report(config: SweepConfig, task_dir: str | Path) -> tuple[list[Over
     task_ngrams = {name: set().union(*(ngrams(t) for t in texts)) for name, texts in documents.items()}
     rows = []
     for source in config.data.sources:
-        examples, _ = read_examples(source)
+        examples = read_source(source).examples
         counts = dict.fromkeys(task_ngrams, 0)
         for ex in examples:  # one example's n-grams at a time: a large source never sits in memory as n-grams
             grams = ngrams(example_text(ex))
@@ -271,11 +272,11 @@ def cached_overlap_report(config: SweepConfig, task_dir: str | Path, cache_dir: 
     import json
 
     from sweep.config import to_dict
-    from trainer.data import fingerprint
+    from trainer.sources import source_fingerprint
 
     key = hashlib.sha256(json.dumps({
         "version": 1,
-        "sources": [fingerprint(s) for s in config.data.sources],
+        "sources": [source_fingerprint(s) for s in config.data.sources],
         "tasks": [to_dict(t) for t in config.evaluator.all_tasks()],
         "task_files": sorted(p.name for p in Path(task_dir).glob("*.yaml")),
         "data_files": [hashlib.sha256(Path(t.data_file).read_bytes()).hexdigest()

@@ -106,7 +106,7 @@ def process_alive(pid: int, started: Optional[int]) -> bool:
 
 
 def _driver(row) -> DriverRecord:
-    return DriverRecord(**{k: row._mapping[k] for k in DriverRecord.__dataclass_fields__})
+    return DriverRecord(**{k: row[k] for k in DriverRecord.__dataclass_fields__})
 
 
 class DriverLease:
@@ -216,7 +216,7 @@ def _lease_holder(conn, study_name: str, now: dt.datetime, for_update: bool = Fa
     lease = conn.execute(query.with_for_update() if for_update else query).first()
     if lease is None:
         return None
-    row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).first()
+    row = conn.execute(select(drivers).where(drivers.c.id == lease.driver_id)).mappings().first()
     return lease, _driver(row) if row is not None else None, max(0.0, (now - lease.heartbeat_at).total_seconds())
 
 

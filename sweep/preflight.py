@@ -20,6 +20,7 @@ from typing import Any, Optional
 from sweep.config import SweepConfig, task_keys
 from sweep.faults import SweepError
 from sweep.gpus import GpuProfile
+from trainer.units import GIB
 
 log = logging.getLogger("sweep")
 
@@ -37,12 +38,29 @@ def check_config(config: SweepConfig, profile: Optional[GpuProfile] = None) -> N
     Raises:
         PreflightError: the first check that fails.
     """
+    check_compat()
     check_tasks(config)  # names only: no hub needed
     offline_if_hub_unreachable(config)
     model_config = check_model(config)
     if profile is not None and model_config is not None:
         warn_model_size(config, profile, model_config)
     check_data(config)
+
+
+def check_compat() -> None:
+    """The hooks into third-party internals (`trainer.compat`, `evaluator.compat`, `sweep.compat`) at the
+    installed versions: one outside its checked range warns (the stock path runs instead), or, where there is no
+    stock path, stops the start before anything is written."""
+    from evaluator import compat as evaluator_compat
+    from sweep import compat as sweep_compat
+    from trainer import compat as trainer_compat
+
+    hooks = [*trainer_compat.HOOKS, *evaluator_compat.HOOKS, *sweep_compat.HOOKS]
+    warnings, errors = trainer_compat.problems(hooks)
+    for warning in dict.fromkeys(warnings):
+        log.warning("%s", warning)
+    if errors:
+        raise PreflightError(errors[0])
 
 
 # --- the hub ----------------------------------------------------------------
@@ -197,7 +215,7 @@ def warn_model_size(config: SweepConfig, profile: GpuProfile, model_config) -> N
                     "run on a GPU with --gpu (a100, h100, ...)", name, count / 1e9)
     elif profile.memory_cap_gib is not None:
         form = min(base_formats(config), key=BYTES_PER_PARAMETER.__getitem__)  # the smallest the space allows
-        weights_gib = count * BYTES_PER_PARAMETER[form] / 2**30
+        weights_gib = count * BYTES_PER_PARAMETER[form] / GIB
         if weights_gib > profile.memory_cap_gib:
             log.warning("Model %s has %.1fB parameters: its %s weights alone (about %.0f GiB) exceed the "
                         "%s profile's %.0f GiB", name, count / 1e9, form, weights_gib, profile.name,

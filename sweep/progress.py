@@ -137,3 +137,11 @@ def _short(params: dict) -> str:
         name = k.split(".")[-1]
         parts.append(f"{name}={v:.3g}" if isinstance(v, float) else f"{name}={v}")
     return " ".join(parts)
+
+
+def fmt_values(values: dict) -> str:
+    """`{open=0.3362, lr=2e-05}`: values for a log line, floats to four significant digits."""
+    parts = []
+    for k, v in values.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "{" + ", ".join(parts) + "}"

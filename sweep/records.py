@@ -1,8 +1,9 @@
 """Every trial's end state, written once: our record and Optuna's `tell` together, and recovery after a crash.
 
 A trial ends here and nowhere else (as Optuna's `_run_trial` is its one place):
-`end_trial` writes our record first, then tells Optuna, with Ctrl-C and the stop
-signals held back between the two. A record already finished is never
+its record is built here for each end state (`complete_record`, `pruned_record`,
+`failed_record`), and `end_trial` writes it first, then tells Optuna, with Ctrl-C
+and the stop signals held back between the two. A record already finished is never
 rewritten (sweep.store), so a trial told twice keeps its first end.
 
 If the process dies between the two writes, `recover_trials` reconciles the
@@ -16,6 +17,7 @@ older than the grace period), then its parameters are queued to run again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -24,9 +26,14 @@ from typing import Any, Optional
 
 from sqlalchemy import select
 
+from evaluator.config import EvalConfig
+from evaluator.score import suite_values
+from sweep.budget import feasibility
+from sweep.compat import fail_in_storage, live_trial, optuna_tables, stored_trial, trial_id, trial_state
 from sweep.faults import SweepError, signals_deferred
 from sweep.lease import GRACE_INTERVALS, DriverLease, LeaseLost
-from sweep.store import Store, TrialRecord, utc_now
+from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
+from sweep.worker import TrialResult
 
 log = logging.getLogger("sweep")
 
@@ -49,6 +56,35 @@ def end_trial(study, store: Store, trial, record: TrialRecord, metrics: Optional
             return False
         _tell(study, trial, record)
     return True
+
+
+def complete_record(trial_number: int, result: TrialResult, evaluator: EvalConfig, baseline_scores: Optional[dict],
+                    hours_limit: float, started_at: dt.datetime) -> TrialRecord:
+    """A COMPLETE trial's record: its suites' values (normalised by the baseline's scores), the objective's value,
+    its feasibility constraints and its measurements."""
+    values = suite_values(result.scores, evaluator, baseline_scores)
+    constraints = feasibility(result, hours_limit)
+    return TrialRecord(
+        trial_number=trial_number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
+        values=values, value=values[evaluator.objective_suite], constraints=constraints, started_at=started_at,
+        finished_at=utc_now(), feasible=all(v <= 0 for v in constraints.values()),
+        **{name: getattr(result, name) for name in MEASUREMENTS},
+    )
+
+
+def pruned_record(trial_number: int, result: TrialResult, started_at: dt.datetime) -> TrialRecord:
+    """A PRUNED trial's record: no scores, its measurements up to the rung that stopped it."""
+    return TrialRecord(
+        trial_number=trial_number, state="PRUNED", adapter_dir=None, scores={}, started_at=started_at,
+        finished_at=utc_now(), **{name: getattr(result, name) for name in MEASUREMENTS},
+    )
+
+
+def failed_record(trial_number: int, reason: str, started_at: Optional[dt.datetime],
+                  feasible: Optional[bool] = None) -> TrialRecord:
+    """A FAIL trial's record; `feasible` False: its setting does not fit the profile."""
+    return TrialRecord(trial_number=trial_number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
+                       started_at=started_at, finished_at=utc_now(), feasible=feasible)
 
 
 def _tell(study, trial, record: TrialRecord) -> None:
@@ -131,17 +167,13 @@ def recover_trials(study, store: Store, lease: DriverLease, heartbeat_seconds: i
 
 
 def _roll_forward(study, frozen, rec: TrialRecord) -> None:
-    import optuna
-
     if rec.state == "COMPLETE" and rec.value is None:  # recorded before records kept the value told
         rec = _with_value(rec, study.user_attrs.get("optimize"))
     log.warning("Trial %d ended %s, but its driver stopped before telling Optuna: told now", frozen.number, rec.state)
-    _tell(study, optuna.trial.Trial(study, frozen._trial_id), rec)
+    _tell(study, live_trial(study, frozen), rec)
 
 
 def _with_value(rec: TrialRecord, suite: Optional[str]) -> TrialRecord:
-    import dataclasses
-
     values = rec.values or {}
     return dataclasses.replace(rec, value=values.get(suite) if suite in values else next(iter(values.values())))
 
@@ -168,7 +200,7 @@ def _fail_when_stale(study, store: Store, lease: DriverLease, trials: list, hear
 
 
 def _still_running(study, frozen) -> bool:
-    return study._storage.get_trial(frozen._trial_id).state.name == "RUNNING"
+    return trial_state(study, frozen) == "RUNNING"
 
 
 def _fail_stale(study, store: Store, lease: DriverLease, frozen, max_retries: int, grace_s: Optional[float]) -> bool:
@@ -185,61 +217,40 @@ def _fail_stale(study, store: Store, lease: DriverLease, frozen, max_retries: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(
-            study, study._storage.get_trial(frozen._trial_id)
+            study, stored_trial(study, frozen)
         )
     return True
-
-
-def _optuna_tables() -> Optional[tuple[Any, Any]]:
-    """Optuna's `trials` and `trial_heartbeats` tables, if they have the columns this module writes and reads.
-
-    Checked on Optuna 5.0 (its RDB schema "v3.2.0.a").
-    """
-    try:
-        from optuna.storages._rdb import models
-    except ImportError:
-        return None
-    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
-    if not ({"trial_id", "state", "datetime_start", "datetime_complete"} <= set(trials.c.keys())
-            and {"trial_id", "heartbeat"} <= set(beats.c.keys())):
-        return None
-    return trials, beats
 
 
 def _fail_stale_in_one_transaction(study, store: Store, lease: DriverLease, frozen,
                                    grace_s: Optional[float]) -> Optional[bool]:
     from optuna.trial import TrialState
 
-    tables = _optuna_tables()
+    tables = optuna_tables()
     if tables is None:
         return None
     trials, beats = tables
-    trial_id = frozen._trial_id
+    tid = trial_id(frozen)
     now_utc = utc_now()
     with store.write() as conn:
         if not lease.holds(conn):
             raise LeaseLost(f"study {study.study_name!r}: another start took the study's lease over")
-        row = conn.execute(select(trials.c.state, trials.c.datetime_start).where(trials.c.trial_id == trial_id)).first()
+        row = conn.execute(select(trials.c.state, trials.c.datetime_start).where(trials.c.trial_id == tid)).first()
         if row is None or row.state != TrialState.RUNNING:
             return False
         if grace_s is not None:
-            beat = conn.execute(select(beats.c.heartbeat).where(beats.c.trial_id == trial_id)).scalar()
+            beat = conn.execute(select(beats.c.heartbeat).where(beats.c.trial_id == tid)).scalar()
             age = (store.now(conn) - beat) if beat is not None else (now_utc - (row.datetime_start or now_utc))
             if age.total_seconds() <= grace_s:
                 return False
-        conn.execute(trials.update().where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
+        conn.execute(trials.update().where(trials.c.trial_id == tid, trials.c.state == TrialState.RUNNING)
                      .values(state=TrialState.FAIL, datetime_complete=now_utc))
         store.write_record(conn, study.study_name, _stale_record(frozen, now_utc))
     return True
 
 
 def _fail_stale_through_optuna(study, store: Store, frozen) -> bool:
-    import optuna
-
-    try:
-        if not study._storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
+    if not fail_in_storage(study, frozen):
         return False
     store.record_trial(study.study_name, _stale_record(frozen, utc_now()))
     return True
@@ -248,8 +259,7 @@ def _fail_stale_through_optuna(study, store: Store, frozen) -> bool:
 def _stale_record(frozen, finished_at: dt.datetime) -> TrialRecord:
     started = frozen.datetime_start  # Optuna gives naive local time; our records keep naive UTC
     started_utc = started.astimezone(dt.timezone.utc).replace(tzinfo=None) if started is not None else None
-    return TrialRecord(trial_number=frozen.number, state="FAIL", adapter_dir=None, scores={},
-                       fail_reason=STALE_REASON, started_at=started_utc, finished_at=finished_at)
+    return dataclasses.replace(failed_record(frozen.number, STALE_REASON, started_utc), finished_at=finished_at)
 
 
 def finished_count(study, store: Store) -> int:

@@ -499,21 +499,20 @@ class Store:
                 scores.setdefault(r.trial_number, {})[r.task] = r.value
             out = {}
             columns = _present(trial_records, self._columns)  # older databases lack newer columns
-            for r in conn.execute(select(*columns).where(trial_records.c.study_name == study_name)):
-                fields = {k: v for k, v in r._mapping.items() if k not in ("id", "study_name")}
-                out[r.trial_number] = TrialRecord(scores=scores.get(r.trial_number, {}), **fields)
+            for r in conn.execute(select(*columns).where(trial_records.c.study_name == study_name)).mappings():
+                fields = {k: v for k, v in r.items() if k not in ("id", "study_name")}
+                out[r["trial_number"]] = TrialRecord(scores=scores.get(r["trial_number"], {}), **fields)
             return out
 
     def baseline(self, study_name: str) -> Optional[dict[str, Any]]:
         if not self._readable:
             return None
         with self.engine.connect() as conn:
-            r = conn.execute(
+            row = conn.execute(
                 select(*_present(baselines, self._columns)).where(baselines.c.study_name == study_name)
-            ).first()
-        if r is None:
+            ).mappings().first()
+        if row is None:
             return None
-        row = r._mapping
         scores = row["scores"] if isinstance(row["scores"], dict) else json.loads(row["scores"])
         return {"model": row["model"], "value": row["value"], "scores": scores, "values": row.get("values"),
                 "eval_seconds": row["eval_seconds"], "stderrs": row.get("stderrs"), "num_docs": row.get("num_docs")}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sweep.config import SweepConfig
+import logging
+
+from sweep.config import SweepConfig, coerce_value
+
+log = logging.getLogger("sweep")
 
 
 class StudyError(RuntimeError):
@@ -174,3 +178,19 @@ def best_params(storage_url: str, study_name: str, top: int, search_space: dict)
             raise StudyError(f"trial {t.number} does not fit this config's search space: {problem}")
         chosen.append(dict(t.params))
     return chosen
+
+
+def enqueue_trials(study, config: SweepConfig) -> int:
+    """Puts the config's `enqueue` parameter sets in the study's queue, in order: the next trials run them.
+
+    A set the study already holds (run, running or waiting) is not added again, so a resumed study does not
+    repeat its recipes. Returns how many were added.
+    """
+    before = len(study.get_trials(deepcopy=False))
+    for params in config.enqueue:
+        study.enqueue_trial({k: coerce_value(v, config.search_space[k]) for k, v in params.items()},
+                            skip_if_exists=True)
+    added = len(study.get_trials(deepcopy=False)) - before
+    if added:
+        log.info("Enqueued %d trial(s) to run first (of %d parameter set(s))", added, len(config.enqueue))
+    return added

@@ -24,6 +24,7 @@ from typing import Optional, Protocol
 
 from evaluator.config import EvalConfig
 from trainer.config import DataConfig, ModelConfig, TrainConfig
+from trainer.units import GIB
 
 MAX_REASON_CHARS = 500
 
@@ -507,11 +508,11 @@ class MemoryWatchdog:
             return
         self._stop.set()
         self._thread.join()
-        print(f"resident memory: peak {self.peak_bytes / 2**30:.2f} GiB of the {self.what}'s limit of "
+        print(f"resident memory: peak {self.peak_bytes / GIB:.2f} GiB of the {self.what}'s limit of "
               f"{self.limit_gib:.2f} GiB", flush=True)
 
     def _watch(self) -> None:
-        limit = self.limit_gib * 2**30
+        limit = self.limit_gib * GIB
         while True:
             used = private_resident_bytes()
             self.peak_bytes = max(self.peak_bytes, used)
@@ -521,7 +522,7 @@ class MemoryWatchdog:
                 return
 
     def _end(self, used: int) -> None:
-        reason = (f"out of memory: the {self.what}'s process used {used / 2**30:.2f} GiB, over its limit of "
+        reason = (f"out of memory: the {self.what}'s process used {used / GIB:.2f} GiB, over its limit of "
                   f"{self.limit_gib:.2f} GiB (orchestration.cpu_memory_limit_gib; null: the slot's share of the "
                   "memory available when the start began)")
         with contextlib.suppress(OSError):  # no room to say why: the driver reports the death as Ray saw it
@@ -539,9 +540,9 @@ def _memory_gib(device: str) -> float:
     if device != "cpu":
         import torch
 
-        return torch.cuda.memory_allocated() / 2**30
+        return torch.cuda.memory_allocated() / GIB
     with open("/proc/self/statm") as f:  # resident pages (Linux)
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
 def _device_name(device: str) -> str:
@@ -563,16 +564,11 @@ def _setup_gpu(device: str, memory_cap_gib: Optional[float]):
     from sweep.gpus import detect_profile
 
     props = torch.cuda.get_device_properties(0)
-    total_gib = props.total_memory / 2**30
+    total_gib = props.total_memory / GIB
     # Always set: a worker process that runs several trials must not keep an earlier trial's cap.
     cap = memory_cap_gib if memory_cap_gib is not None else total_gib
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gib), 0)
     return detect_profile([(props.name, total_gib)])
-
-
-def run_baseline(spec: BaselineSpec) -> BaselineResult:
-    """Scores the untuned 4-bit base (building the demo base first if that is the model)."""
-    return TrialSlot(resident=False).baseline(spec)
 
 
 def _score(model, tokenizer, tasks, config: EvalConfig, task_dir: str, memory_cap_gib: Optional[float],
@@ -582,10 +578,10 @@ def _score(model, tokenizer, tasks, config: EvalConfig, task_dir: str, memory_ca
     evaluated = evaluate(
         model, tokenizer, tasks, task_dir, config.batch_size, config.generation,
         dequantize=config.dequantize if dequantize is None else dequantize, memory_budget_gib=memory_cap_gib,
-        fuse_kernels=config.fuse_kernels,
+        fuse_kernels=config.fuse_kernels, fast_path=config.fast_path,
     )
-    print(f"scored in {evaluated.eval_seconds:.1f}s ({'dense copy of the base' if evaluated.dense else '4-bit base'})",
-          flush=True)
+    how = "plain lm-eval" if not evaluated.fast_path else "dense copy of the base" if evaluated.dense else "4-bit base"
+    print(f"scored in {evaluated.eval_seconds:.1f}s ({how})", flush=True)
     return evaluated
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -43,6 +45,70 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the integration marker, kept honest ---------------------------------------------------------------------
+
+_RAY_START = re.compile(r"\bray\b.*\bstart\b")
+"""A command line that starts a Ray cluster (`ray start --head ...`)."""
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _ray_sessions() -> set[str]:
+    """The sessions under Ray's temporary directory: a Ray started anywhere on this machine (a `sweep start`
+    subprocess's included) adds one."""
+    root = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
+    try:
+        return {name for name in os.listdir(root) if name.startswith("session_") and name != "session_latest"}
+    except OSError:
+        return set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test not marked `integration` that starts Ray (in this process, in a `sweep start` subprocess, or as
+    `ray start`) fails: the marker is what `pytest -m "not integration"` trusts to leave out every test that
+    starts Ray or runs a whole sweep. Its fixtures count too, session ones included (the first test that needs
+    one starts it)."""
+    if "integration" in item.keywords:
+        yield
+        return
+    started: list[str] = []
+    real_init = subprocess.Popen.__init__
+
+    def init(self, args, *rest, **kwargs):
+        text = args if isinstance(args, str) else " ".join(map(str, args))
+        if _RAY_START.search(text):
+            started.append(text)
+        real_init(self, args, *rest, **kwargs)
+
+    item.ray_started, item.ray_before = started, (_ray_up(), _ray_sessions())
+    subprocess.Popen.__init__ = init
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    started = getattr(item, "ray_started", None)
+    if report.when != "call" or not report.passed or started is None:
+        return
+    was_up, sessions = item.ray_before
+    if not was_up and _ray_up():
+        started.append("ray.init in the test process")
+    if _ray_sessions() - sessions:
+        started.append(f"a Ray session ({sorted(_ray_sessions() - sessions)[0]})")
+    if started:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} starts Ray ({started[0]}) but is not marked integration"
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def base_wins(tmp_path_factory, ray_session):
     import os
 
     from sweep.cli import main
-    from trainer.data import digit_task
+    from trainer.synthetic import digit_task
 
     directory = tmp_path_factory.mktemp("base-wins")
     train, _ = digit_task(seed=0, num_train=1000, num_eval=120)  # the synthetic source's own split: no overlap

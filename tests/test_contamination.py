@@ -13,7 +13,7 @@ import yaml
 from evaluator.micro import generate_docs
 from sweep.config import demo_config_path, load_config
 from sweep.contamination import SharedDataset, overlap_report, shared_datasets
-from sweep.scheduler import check_contamination, prepare_tasks
+from sweep.tasks import check_contamination, prepare_tasks
 from trainer.data import prepare_data
 from trainer.demo_base import build_tokenizer
 

@@ -7,8 +7,6 @@ import json
 from trainer.config import DataConfig, SourceConfig
 from trainer.data import (
     IGNORE_INDEX,
-    Example,
-    digit_task,
     draw_mix,
     format_prompt,
     prepare_data,
@@ -17,6 +15,8 @@ from trainer.data import (
     tokenize_examples,
 )
 from trainer.demo_base import build_tokenizer
+from trainer.examples import Example
+from trainer.synthetic import digit_task
 
 
 def test_digit_task_is_seeded_and_split_disjoint():

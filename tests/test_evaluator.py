@@ -11,7 +11,8 @@ import yaml
 from evaluator.config import EvalConfig, SuiteConfig, TaskConfig
 from evaluator.harness import write_choice_task
 from evaluator.score import aggregate, normalized, suite_values
-from trainer.data import ChoiceDoc, write_choice_docs
+from trainer.data import write_choice_docs
+from trainer.examples import ChoiceDoc
 
 
 def test_mean_of_raw_scores_is_the_weighted_mean():
@@ -34,8 +35,8 @@ def test_local_task_file_points_at_absolute_data(tmp_path, monkeypatch):
 def test_lm_eval_scores_the_4bit_base_on_a_local_task(demo_base_dir, tmp_path):
     from evaluator.harness import evaluate
     from trainer.config import ModelConfig
-    from trainer.data import digit_task
     from trainer.model import load_base_model, load_tokenizer
+    from trainer.synthetic import digit_task
 
     _, heldout = digit_task(seed=0, num_train=10, num_eval=60)
     data = write_choice_docs(heldout, tmp_path / "docs.jsonl", "alpaca")

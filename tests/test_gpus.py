@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sweep.gpus import PROFILES, GpuError, detect_profile, resolve_profile, visible_gpus
-from sweep.scheduler import _remote_options
+from sweep.cluster import remote_options
 
 
 @pytest.mark.parametrize("gpus,expected", [
@@ -29,8 +29,8 @@ def test_a100_profile_caps_at_what_the_card_offers():
 
 
 def test_cpu_profile_requests_no_gpu():
-    assert _remote_options(PROFILES["cpu"], 2)["num_gpus"] == 0
-    assert _remote_options(PROFILES["h100"], 4)["num_gpus"] == 1
+    assert remote_options(PROFILES["cpu"], 2)["num_gpus"] == 0
+    assert remote_options(PROFILES["h100"], 4)["num_gpus"] == 1
 
 
 @pytest.mark.skipif(bool(visible_gpus()), reason="a GPU is visible")

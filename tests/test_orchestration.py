@@ -156,7 +156,7 @@ def test_a_stop_signal_stores_running_trials_as_stopped(tmp_path, sig, code, rea
 
 
 def test_budget_and_timeout_admit_a_trial_only_when_it_fits():
-    from sweep.scheduler import Budget
+    from sweep.budget import Budget
 
     budget = Budget(hours=0.01, timeout_seconds=None, unit="GPU-hours")  # 36 s
     assert budget.blocks(used_hours=0.0, running_seconds=[]) is None  # nothing known yet: start
@@ -207,7 +207,7 @@ def test_a_slot_whose_actor_died_is_replaced(ray_session, caplog):
     import ray
 
     from sweep.gpus import detect_profile
-    from sweep.scheduler import start_ray
+    from sweep.cluster import start_ray
     from sweep.slots import SlotPool
 
     caplog.set_level(logging.INFO, logger="sweep")

@@ -38,7 +38,7 @@ JOIN = """
 import json, sys, time
 from sweep.faults import SweepError
 from sweep.gpus import detect_profile
-from sweep.scheduler import start_ray
+from sweep.cluster import start_ray
 for address in sys.argv[1:]:
     began = time.monotonic()
     try:
@@ -59,7 +59,7 @@ for address in sys.argv[1:]:
 LOCAL = """
 import json, os, sys
 from sweep.gpus import detect_profile
-from sweep.scheduler import start_ray
+from sweep.cluster import start_ray
 start_ray(None, detect_profile([]), {"SWEEP_NETWORK_PROBE": "from-runtime-env"})
 import ray
 @ray.remote

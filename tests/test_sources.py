@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 
 from trainer.config import SourceConfig
-from trainer.data import Example
+from trainer.examples import Example
 from trainer.sources import SourceRows, format_row, read_source, source_fingerprint
+from trainer.synthetic import digit_task, heldout_docs
 
 NOT_AN_OBJECT = "[1, 2]"
 
@@ -416,9 +418,17 @@ def test_hub_source_reads_a_local_dataset_directory(tmp_path, monkeypatch):
     assert changed.fingerprint != got.fingerprint and source_fingerprint(source) == changed.fingerprint
 
 
-def test_synthetic_and_misused_formats_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="synthetic"):
-        read_source(SourceConfig(name="demo", kind="synthetic"))
+def test_synthetic_sources_are_read_like_the_others():
+    source = SourceConfig(name="demo", kind="synthetic", num_train=50, num_eval=20, seed=3)
+    got = read_source(source)
+    train, _ = digit_task(3, 50, 20)
+    assert got.examples == [Example(d.instruction, d.choices[d.answer]) for d in train] and got.skipped == {}
+    assert got.fingerprint == source_fingerprint(source) == "synthetic:3:50:20"
+    assert not {e.instruction for e in got.examples} & {d.instruction for d in heldout_docs(source)}
+    assert source_fingerprint(dataclasses.replace(source, seed=4)) != got.fingerprint
+
+
+def test_misused_formats_are_refused():
     with pytest.raises(ValueError, match="oasst1"):
         format_row("oasst1", {"message_id": "m"})
     with pytest.raises(ValueError, match="unknown row format"):

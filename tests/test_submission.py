@@ -17,7 +17,8 @@ def adapter(demo_base_dir, tmp_path_factory):
     from evaluator.config import EvalConfig, TaskConfig
     from evaluator.harness import write_choice_task
     from sweep.worker import TrialSlot, TrialSpec
-    from trainer.data import heldout_docs, write_choice_docs
+    from trainer.data import write_choice_docs
+    from trainer.synthetic import heldout_docs
 
     tmp = tmp_path_factory.mktemp("merge")
     source = SourceConfig(name="digits", kind="synthetic", num_train=800, num_eval=8)

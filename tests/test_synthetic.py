@@ -10,8 +10,10 @@ import yaml
 from evaluator.micro import _NAMES, _PLACES, METRICS, MICRO_TASKS, _part, example, split_docs
 from sweep.config import ConfigError, load_config
 from sweep.contamination import overlap_report
-from sweep.scheduler import prepare_tasks
-from trainer.data import Example, read_examples, render
+from sweep.tasks import prepare_tasks
+from trainer.data import render
+from trainer.examples import Example
+from trainer.sources import read_source
 
 
 def _config(tmp_path, **task_overrides):
@@ -65,7 +67,8 @@ def test_a_source_task_is_scored_in_the_source_shape_on_the_prompts_it_trained_o
             # The training template around the document's own prompt, as every training example of the source.
             assert doc["prompt"] == render(None, "alpaca", Example(raw["prompt"], ""))[0]
             assert doc["prompt"].startswith("### Instruction:\n") and doc["prompt"].endswith("### Response:\n")
-        examples, skipped = read_examples(source)
+        rows = read_source(source)
+        examples, skipped = rows.examples, rows.skipped
         assert len(examples) == 600 and skipped == {}
         train = split_docs(generator, source.seed, 600, 0)[0]
         assert [(e.instruction, e.response) for e in examples] == [example(generator, d) for d in train]

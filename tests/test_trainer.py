@@ -9,8 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from trainer.config import DataConfig, LoraConfig, ModelConfig, SourceConfig, TrainConfig  # noqa: E402
-from trainer.data import Example, prepare_data, tokenize_examples  # noqa: E402
+from trainer.data import prepare_data, tokenize_examples  # noqa: E402
 from trainer.demo_base import DEMO_MODEL_ID  # noqa: E402
+from trainer.examples import Example  # noqa: E402
 from trainer.model import attach_lora, load_adapter, load_base_model, load_tokenizer, save_adapter  # noqa: E402
 from trainer.train import (  # noqa: E402
     TrainingOutOfMemory,

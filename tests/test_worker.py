@@ -55,7 +55,8 @@ def _digits_trial_on_gpu(tmp_path, **kwargs):
     """A 100-step trial of the demo base on the digit task, scored on its held-out split, on the GPU."""
     from evaluator.harness import write_choice_task
     from sweep.worker import TrialSpec
-    from trainer.data import heldout_docs, write_choice_docs
+    from trainer.data import write_choice_docs
+    from trainer.synthetic import heldout_docs
 
     source = SourceConfig(name="digits", kind="synthetic", num_train=2400, num_eval=100)
     data_file = write_choice_docs(heldout_docs(source), tmp_path / "data" / "digits.jsonl", "alpaca")

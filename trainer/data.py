@@ -1,8 +1,6 @@
 """Training data: prompt templates, tokenization with response-only labels, the cache and the weighted mix.
 
-Sources are read by `trainer.sources` (named hub datasets and local files)
-and here (generated ones: the digit task here, the micro tasks' shapes in
-`evaluator.micro`).
+Every source, read or generated, comes from `trainer.sources` as `Example`s; this module only consumes them.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ import numpy as np
 
 from trainer.config import DataConfig, SourceConfig
 from trainer.demo_base import cache_root
+from trainer.examples import ChoiceDoc, Example
+from trainer.sources import read_source, source_fingerprint
 
 IGNORE_INDEX = -100
 
@@ -48,26 +48,6 @@ TEMPLATES = {
 }
 DEFAULT_TURN_END = "\n\n"
 """What follows an earlier turn's reply in a template without a `turn_end` of its own."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction-following example."""
-
-    instruction: str
-    response: str
-    input: str = ""
-    history: tuple[tuple[str, str], ...] = ()
-    """Earlier (user, assistant) turns of a conversation, oldest first."""
-
-
-@dataclass(frozen=True)
-class ChoiceDoc:
-    """A held-out multiple-choice item: the instruction, the options and the right one."""
-
-    instruction: str
-    choices: tuple[str, ...]
-    answer: int
 
 
 @dataclass
@@ -137,23 +117,6 @@ def render(tokenizer, template: str, example: Example) -> tuple[str, str]:
     return prompt, prompt + example.response
 
 
-def heldout_docs(source: SourceConfig) -> list:
-    """The held-out split of a source that has one (a synthetic source).
-
-    `ChoiceDoc`s of the digit task; for a micro shape, lm-eval documents of
-    that micro task (`evaluator.micro`), drawn from names and places its
-    training split never uses.
-    """
-    if source.kind != "synthetic":
-        raise ValueError(f"source {source.name!r} ({source.kind}) has no held-out split")
-    if source.generator != "digits":
-        from evaluator.micro import split_docs
-
-        return split_docs(source.generator, source.seed, 0, source.num_eval)[1]
-    _, heldout = digit_task(source.seed, source.num_train, source.num_eval)
-    return heldout
-
-
 NGRAM = 13
 """Length of the word n-grams that decide contamination (as GPT-3's and HELM's checks)."""
 
@@ -171,70 +134,6 @@ def example_text(example: Example) -> str:
     """All the text of an example (earlier turns included), for overlap checks."""
     turns = [part for pair in example.history for part in pair]
     return "\n".join([*turns, example.instruction, example.input, example.response])
-
-
-def read_examples(source: SourceConfig) -> tuple[list[Example], dict[str, int]]:
-    """(examples, skip reasons) of one source."""
-    if source.kind == "synthetic" and source.generator != "digits":
-        from evaluator.micro import example, split_docs
-
-        train, _ = split_docs(source.generator, source.seed, source.num_train, 0)
-        return [Example(*example(source.generator, d)) for d in train], {}
-    if source.kind == "synthetic":
-        train, _ = digit_task(source.seed, source.num_train, source.num_eval)
-        return [Example(d.instruction, d.choices[d.answer]) for d in train], {}
-    from trainer.sources import read_source
-
-    rows = read_source(source)
-    return rows.examples, dict(rows.skipped)
-
-
-def fingerprint(source: SourceConfig) -> str:
-    """Identifies a source's content (cheap: no row is parsed)."""
-    if source.kind == "synthetic" and source.generator != "digits":
-        from evaluator.micro import GENERATOR_VERSION
-
-        return f"synthetic:{source.generator}:{GENERATOR_VERSION}:{source.seed}:{source.num_train}"
-    if source.kind == "synthetic":
-        return f"synthetic:{source.seed}:{source.num_train}:{source.num_eval}"
-    from trainer.sources import source_fingerprint
-
-    return source_fingerprint(source)
-
-
-def digit_task(seed: int, num_train: int, num_eval: int) -> tuple[list[ChoiceDoc], list[ChoiceDoc]]:
-    """The demo task: three kinds of two-choice questions about digits.
-
-    Parity of a three-digit number (decided by its last digit), the larger and
-    the smaller of two digits. A randomly initialised base answers at chance;
-    a LoRA adapter learns the rules within a hundred or so steps, faster or
-    slower depending on its learning rate and rank. The held-out questions
-    never occur in training (the space of 1180 questions is small, so training
-    repeats some of its own).
-    """
-    rng = random.Random(seed)
-    heldout: dict[str, ChoiceDoc] = {}
-    while len(heldout) < num_eval:
-        doc = _draw_digit_question(rng)
-        heldout.setdefault(doc.instruction, doc)
-    train: list[ChoiceDoc] = []
-    while len(train) < num_train:
-        doc = _draw_digit_question(rng)
-        if doc.instruction not in heldout:
-            train.append(doc)
-    return train, list(heldout.values())
-
-
-def _draw_digit_question(rng: random.Random) -> ChoiceDoc:
-    kind = rng.randrange(3)
-    if kind == 0:
-        digits = [rng.randrange(10) for _ in range(3)]
-        number = " ".join(map(str, digits))
-        return ChoiceDoc(f"Is {number} even or odd?", ("even", "odd"), digits[-1] % 2)
-    a, b = rng.sample(range(10), 2)
-    word = "larger" if kind == 1 else "smaller"
-    pick = max(a, b) if kind == 1 else min(a, b)
-    return ChoiceDoc(f"Which is {word}, {a} or {b}?", (str(a), str(b)), (a, b).index(pick))
 
 
 @dataclass(frozen=True)
@@ -409,7 +308,7 @@ def _tokenized_source(
     A hit reads no row of the source: the key needs only its fingerprint and
     what all sources share (`_shared_key`).
     """
-    key = _digest({"shared": shared_key, "source": fingerprint(source), "format": source.row_format,
+    key = _digest({"shared": shared_key, "source": source_fingerprint(source), "format": source.row_format,
                    "fields": source.fields})
     path = cache / f"{source.name}-{key[:16]}.npz"
     if path.is_file():
@@ -420,7 +319,8 @@ def _tokenized_source(
                     return TokenizedSource(data["tokens"], data["offsets"], data["prompt_lengths"], skipped_cached), 1
         except (OSError, ValueError, KeyError):
             pass  # a broken entry is rebuilt
-    examples, skipped = read_examples(source)
+    rows = read_source(source)
+    examples, skipped = rows.examples, dict(rows.skipped)
     if exclude:
         kept = [ex for ex in examples if not ngrams(example_text(ex)) & exclude]
         if len(kept) < len(examples):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer import compat
 from trainer.config import LoraConfig, ModelConfig
 from trainer.demo_base import resolve_model_path
 
@@ -54,10 +55,16 @@ def attention_implementation(config: ModelConfig, device: str) -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
 
 
+def unwrap_peft(model):
+    """The transformers model inside a `PeftModel`, or `model` itself when it is not one: what the attention
+    kernel, the decoder layers and the config belong to."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def use_attention(model, implementation: str) -> None:
     """Switches the attention kernel of a loaded model (e.g. to sdpa for scoring padded batches)."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(target.config, "_attn_implementation", None) != implementation:
+    target = unwrap_peft(model)
+    if compat.attention_of(target) != implementation:
         target.set_attn_implementation(implementation)
 
 
@@ -188,9 +195,9 @@ def detach_lora(model):
     """
     restore_training_layout(model)
     base = model.unload() if hasattr(model, "unload") else model
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in vars(base):  # set on the instance by peft; the class may have its own default
-            delattr(base, attr)
+    if "peft_config" in vars(base):  # set on the instance by peft; the class may have its own default
+        delattr(base, "peft_config")
+    compat.clear_adapter_flag(base)
     base.eval()
     return base
 
@@ -239,9 +246,7 @@ def restore_training_layout(model) -> None:
         if kept is not None:
             weight.data, weight.quant_state = kept[0], copy.deepcopy(kept[1])  # the repack mutates its state
         else:
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.data, weight.quant_state = compat.unpack_cpu_4bit(weight.data, state)
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = weight.quant_state
 

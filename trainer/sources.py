@@ -1,4 +1,5 @@
-"""Reading one training data source into `Example`s: hub datasets and local JSON/JSONL files.
+"""Reading one training data source into `Example`s: hub datasets, local JSON/JSONL files and the generated
+sources (`trainer.synthetic`).
 
 Each named source keeps its own row layout and `format_row` turns one row into its
 example. OpenAssistant's oasst1 is the exception: its rows are the messages of
@@ -30,8 +31,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import compat
 from trainer.config import SourceConfig
-from trainer.data import Example
+from trainer.examples import Example
+from trainer.synthetic import synthetic_examples, synthetic_fingerprint
 
 DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "response": "response"}
 JSON_LIST_KEYS = ("data", "train", "rows")
@@ -54,7 +57,7 @@ class SourceRows:
 
 
 def read_source(source: SourceConfig) -> SourceRows:
-    """Reads a `hub`, `file` or `jsonl` source into examples, skipping and counting bad rows.
+    """Reads a source into examples, skipping and counting bad rows (a `synthetic` one is generated: none).
 
     `source.max_rows` caps the rows read, bad ones included. For oasst1 the rows
     are messages: the first `max_rows` messages are read, then the trees are built
@@ -68,20 +71,19 @@ def read_source(source: SourceConfig) -> SourceRows:
         The examples in row order, the skip counts and the content's fingerprint.
 
     Raises:
-        ValueError: The kind is `synthetic` (built elsewhere) or unknown, the
-            dataset or path is missing, a file is not valid JSON (the message
+        ValueError: The kind is unknown, the dataset or path is missing, a file is not valid JSON (the message
             names path:line), or a `.json` file holds no list of rows.
     """
     if source.kind == "hub" and not source.dataset:
         raise ValueError(f"source {source.name!r}: dataset: required for a hub source")
     if source.kind in ("file", "jsonl") and not source.path:
         raise ValueError(f"source {source.name!r}: path: required for a {source.kind} source")
+    if source.kind == "synthetic":
+        return SourceRows(examples=synthetic_examples(source), skipped={}, fingerprint=synthetic_fingerprint(source))
     if source.kind == "hub":
         rows, fingerprint = _read_hub_rows(source)
     elif source.kind in ("file", "jsonl"):
         rows, fingerprint = _read_file_rows(source)
-    elif source.kind == "synthetic":
-        raise ValueError(f"source {source.name!r}: the synthetic source is generated, not read")
     else:
         raise ValueError(f"source {source.name!r}: unknown kind {source.kind!r}")
     examples, skipped = _rows_to_examples(source.row_format, rows, source.fields)
@@ -92,8 +94,10 @@ def source_fingerprint(source: SourceConfig) -> str:
     """The fingerprint `read_source` would give, without parsing any row (for cache lookups).
 
     Files are hashed; hub datasets are opened (datasets keeps them memory-mapped
-    after the first download) only to read their fingerprint.
+    after the first download) only to read their fingerprint; generated sources are named by their settings.
     """
+    if source.kind == "synthetic":
+        return synthetic_fingerprint(source)
     if source.kind == "hub":
         import datasets
 
@@ -103,7 +107,7 @@ def source_fingerprint(source: SourceConfig) -> str:
         return _hub_fingerprint(source, dataset)
     if source.kind in ("file", "jsonl"):
         return _file_fingerprint(source, Path(source.path).read_bytes())
-    raise ValueError(f"source {source.name!r}: {source.kind} sources have no file or dataset to fingerprint")
+    raise ValueError(f"source {source.name!r}: unknown kind {source.kind!r}")
 
 
 def format_row(fmt: str, row: dict, fields: dict[str, str] | None = None) -> list[Example] | str:
@@ -207,7 +211,7 @@ def _hub_fingerprint(source: SourceConfig, dataset) -> str:
         "subset": source.dataset_subset,
         "split": source.split,
         "revision": source.revision,
-        "dataset_fingerprint": dataset._fingerprint,
+        "dataset_fingerprint": compat.dataset_fingerprint(dataset),
         "format": source.row_format,
         "fields": source.fields,
         "max_rows": source.max_rows,

@@ -28,10 +28,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from trainer import compat
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX
+from trainer.model import unwrap_peft
+from trainer.units import GIB
 
-GIB = 2**30
 # Bytes kept per token and decoder layer for the backward pass with LoRA on
 # every linear layer and bf16 compute: about 30 x hidden + 9 x intermediate
 # (norm inputs, projections' inputs and outputs, attention output, MLP
@@ -219,13 +221,8 @@ class Batches:
 # --- the model's pieces -------------------------------------------------------
 
 
-def _causal_lm(model):
-    """The transformers CausalLM inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_layers(model) -> list:
-    decoder = _causal_lm(model).get_decoder()
+    decoder = unwrap_peft(model).get_decoder()
     return list(getattr(decoder, "layers", []))
 
 
@@ -286,7 +283,7 @@ def memory_model(model, tokens: int, allocated_bytes: int) -> MemoryModel:
 
     `allocated_bytes` is what the loaded base and adapter already take.
     """
-    config = _causal_lm(model).config
+    config = unwrap_peft(model).config
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     # On a GPU, bitsandbytes' int8 matmul (MatMul8bitLt) keeps what its backward needs on the autograd context
@@ -326,17 +323,11 @@ def plan_checkpointing(model, tokens: int, memory_budget_gib: Optional[float], d
     return estimate.plan(memory_budget_gib * GIB * _MEMORY_HEADROOM)
 
 
-def set_checkpointing(model, num_layers: int) -> None:
-    """Recomputes the activations of the first `num_layers` decoder layers in the backward pass."""
-    causal_lm = _causal_lm(model)
-    layers = decoder_layers(model)
-    if num_layers <= 0:
-        if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-            causal_lm.gradient_checkpointing_disable()
-        return
-    causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < num_layers
+def set_checkpointing(model, num_layers: int) -> int:
+    """Recomputes the activations of the first `num_layers` decoder layers in the backward pass; returns how many
+    layers are checkpointed: every one where transformers' per-layer flag is out of reach
+    (`trainer.compat.checkpoint_layers`), which the run's record and the planner's peak must count."""
+    return compat.checkpoint_layers(unwrap_peft(model), decoder_layers(model), num_layers)
 
 
 def _loss_chunk_tokens(vocab_size: int) -> int:
@@ -358,7 +349,7 @@ def response_loss_sum(model, batch: dict, device) -> tuple["torch.Tensor", int]:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_peft(model)
     kwargs = {"input_ids": batch["input_ids"].to(device)}
     for key in ("attention_mask", "position_ids"):
         if key in batch:
@@ -394,7 +385,7 @@ class _NEFTune:
     def __init__(self, model, alpha: float):
         self.alpha = alpha
         self.scale = None
-        self.handle = _causal_lm(model).get_input_embeddings().register_forward_hook(self._hook)
+        self.handle = unwrap_peft(model).get_input_embeddings().register_forward_hook(self._hook)
 
     def set_batch(self, batch: dict, device) -> None:
         import torch
@@ -462,10 +453,12 @@ def train(
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     torch.manual_seed(seed)
-    attn = getattr(_causal_lm(model).config, "_attn_implementation", None)
+    # flex-attention compiles once for a fixed row length; an unknown kernel (None) is padded too, which any kernel
+    # keeps apart (the padding is a segment of its own).
+    attn = compat.attention_of(unwrap_peft(model))
     batches = Batches(
         rows, config, seed, tokenizer.pad_token_id,
-        pad_to=config.pack_length if config.packing and attn == "flex_attention" else None,
+        pad_to=config.pack_length if config.packing and attn in ("flex_attention", None) else None,
     )
     accumulation = config.gradient_accumulation_steps
     full_steps = max(1, math.ceil(batches.per_epoch * config.epochs / accumulation))
@@ -482,7 +475,7 @@ def train(
         checkpointed = plan_checkpointing(model, tokens_per_micro_batch, memory_budget_gib, device.type)
     else:
         checkpointed = len(decoder_layers(model)) if config.gradient_checkpointing else 0
-    set_checkpointing(model, checkpointed)
+    checkpointed = set_checkpointing(model, checkpointed)
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""The driver: Ray start-up, the baseline, and the concurrent ask -> run -> tell loop over trials.
+"""The driver: one `sweep start`, from its checks to its last trial, and the concurrent ask -> run -> tell loop.
 
 Optuna decides, Ray runs. Trials run on slots (sweep.slots): one Ray actor per
 GPU (or per share of the CPU cores), each keeping its 4-bit base loaded across
@@ -8,13 +8,17 @@ workers report to (steps, losses, rung values), asks the pruner and answers,
 and ends each trial through sweep.records (our record and Optuna's tell). Only
 the start holding the study's lease (sweep.lease) writes the study; a thread
 keeps the lease and the running trials' heartbeats fresh.
+
+The rest of a start has a module each: sweep.cluster (Ray, and what each slot
+gets), sweep.tasks (the evaluation tasks and the contamination step),
+sweep.baseline (the untuned base's scores), sweep.context (what a start shares
+and the specs sent to workers), sweep.budget (its limits).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -24,73 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from evaluator.harness import write_choice_task
-from evaluator.micro import write_micro_task
-from evaluator.score import suite_values
 from sweep.artifacts import open_store, upload_trial_artifacts
-from sweep.config import SweepConfig, study_name_problem, to_dict, with_params
-from sweep.faults import (
-    DiskFull,
-    SweepError,
-    is_disk_full,
-    reclaim_stop_signals,
-    stop_signal,
-    written_file,
-)
+from sweep.baseline import log_base_load, run_baseline
+from sweep.budget import Budget
+from sweep import cluster
+from sweep.compat import stored_trial, trial_id
+from sweep.config import SweepConfig, study_name_problem
+from sweep.context import Run, trial_spec
+from sweep.faults import DiskFull, SweepError, is_disk_full, stop_signal, written_file
 from sweep.gpus import GpuError, GpuProfile
 from sweep.lease import DriverLease, Heartbeat, LeaseLost
 from sweep.note import update_study_note
 from sweep.preflight import PreflightError, check_config, check_study
-from sweep.progress import Display, Progress, RunningTrial
-from sweep.records import end_trial, finished_count, recover_trials
+from sweep.progress import Display, Progress, RunningTrial, fmt_values
+from sweep.records import complete_record, end_trial, failed_record, finished_count, pruned_record, recover_trials
 from sweep.space import suggest
-from sweep.store import MEASUREMENTS, Store, TrialRecord, utc_now
-from sweep.study import best_trial, create_or_load_study, derived_seed, make_storage
+from sweep.store import Store, TrialRecord, utc_now
+from sweep.study import best_trial, create_or_load_study, enqueue_trials, make_storage
+from sweep.tasks import check_contamination, prepare_tasks
 from sweep.tracking import Trackers, wandb_mode
-from sweep.worker import BaselineSpec, TrialResult, TrialSpec, failure_reason, out_of_memory_reason
-from trainer.data import Example, heldout_docs, render, resolve_template, write_choice_docs
-from trainer.demo_base import DEMO_MODEL_ID
+from sweep.worker import TrialResult, TrialSpec, failure_reason, out_of_memory_reason
 
 log = logging.getLogger("sweep")
 
-# Passed to every worker through Ray's runtime_env when set in the driver's environment.
-_PASSED_ENV = (
-    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE",
-    "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "SWEEP_CACHE_DIR",
-)
-
-
 POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class _Run:
-    """What every step of one `sweep start` shares (driver side only: holds live handles)."""
-
-    config: SweepConfig
-    study: Any
-    store: Store
-    work_dir: Path
-    task_dir: str
-    storage: Any
-    """Optuna's storage, with heartbeats."""
-    pool: Any
-    """The trial slots (sweep.slots.SlotPool)."""
-    mailbox: Any
-    """The Ray actor running trials report to (sweep.slots.Mailbox)."""
-    cpus_per_trial: int
-    device: str
-    profile: GpuProfile
-    lease: DriverLease
-    """This start's hold on the study: only its holder writes the study's trials."""
-    running_ids: set
-    """Optuna ids of the trials in flight, whose heartbeats the heartbeat thread records."""
-    exclude_ngrams_file: Optional[str] = None
-    """Evaluation n-grams that training examples must not share (data.drop_contaminated)."""
-    artifact_store: Any = None
-    """The study's Optuna artifact store (sweep.artifacts), where each trial's artifacts go as it ends."""
-    trackers: Any = None
-    """The experiment trackers each ended trial is logged to (sweep.tracking.Trackers)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +76,7 @@ class SweepOutcome:
     @property
     def all_failed(self) -> bool:
         return bool(self.trial_numbers) and self.failed == len(self.trial_numbers)
+
 
 
 def run_sweep(
@@ -157,10 +119,10 @@ def _run_sweep(config: SweepConfig, storage_url: str, study_name: str, n_trials:
     # The driver decides W&B's mode (offline without credentials or network); the workers get it too.
     tracking_mode = wandb_mode() if "wandb" in orchestration.tracking else None
     # Ray next: an address that cannot be joined (or a cluster without a GPU) stops the start unwritten too.
-    env_vars = _worker_env(config, _cpus_per_trial(config, profile))
+    env_vars = cluster.worker_env(config, cluster.cpus_per_trial(config, profile))
     if tracking_mode is not None:
         env_vars["WANDB_MODE"] = tracking_mode
-    start_ray(address, profile, env_vars=env_vars)
+    cluster.start_ray(address, profile, env_vars=env_vars)
     log.info("Study %r: %d trial(s) on profile %s, storage %s, %s", study_name, n_trials, profile.name,
              storage_url, f"Ray cluster {address}" if address else "local Ray")
     store = Store(storage_url)
@@ -195,16 +157,16 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
     from sweep.slots import Mailbox, SlotPool
 
     orchestration = config.orchestration
-    cpus_per_trial = _cpus_per_trial(config, profile)
+    cpus_per_trial = cluster.cpus_per_trial(config, profile)
     work_dir = Path(orchestration.artifacts_dir).expanduser().resolve() / study_name
-    concurrency = _concurrency(config, profile, cpus_per_trial)
+    slots = cluster.concurrency(config, profile, cpus_per_trial)
 
     storage = make_storage(storage_url, orchestration.heartbeat_seconds, orchestration.max_retries)
     running_ids: set = set()
 
     def beat_trials() -> None:
-        for trial_id in list(running_ids):
-            storage.record_heartbeat(trial_id)
+        for running_id in list(running_ids):
+            storage.record_heartbeat(running_id)
 
     heartbeat.beat_trials = beat_trials
     study = create_or_load_study(config, storage, study_name)
@@ -223,9 +185,9 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
     enqueue_trials(study, config)
     n_trials = _trials_to_run(study, store, lease, n_trials)
     task_dir = str(prepare_tasks(config, work_dir))
-    pool = SlotPool(concurrency, _remote_options(profile, cpus_per_trial), orchestration.resident_base,
+    pool = SlotPool(slots, cluster.remote_options(profile, cpus_per_trial), orchestration.resident_base,
                     orchestration.memory_growth_margin_gib)
-    run = _Run(
+    run = Run(
         config=config,
         study=study,
         store=store,
@@ -242,7 +204,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         artifact_store=open_store(work_dir, study),
         trackers=Trackers(orchestration.tracking, work_dir, study_name, wandb_mode=tracking_mode),
     )
-    log.info("%d slot(s), %d CPU core(s) each, %s base", concurrency, cpus_per_trial,
+    log.info("%d slot(s), %d CPU core(s) each, %s base", slots, cpus_per_trial,
              "resident" if orchestration.resident_base else "reloaded per trial")
     try:
         run = dataclasses.replace(run, exclude_ngrams_file=check_contamination(config, run.task_dir, work_dir))
@@ -251,7 +213,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
         failure = None
         if missing:  # first start, or the config gained tasks since the baseline was scored
             try:
-                _run_baseline(run)
+                run_baseline(run)
             except SweepError as e:
                 # Every trial loads and scores the same base: none would succeed. The next start retries.
                 log.error("%s; starting no trial", e)
@@ -267,6 +229,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
                         pick_untuned=_pick_is_untuned(study, store))
 
 
+
 def _pick_is_untuned(study, store: Store) -> bool:
     from sweep.export import study_status
 
@@ -276,23 +239,6 @@ def _pick_is_untuned(study, store: Store) -> bool:
         log.warning("The pick could not be read (%s)", failure_reason(e))
         return False
 
-
-def enqueue_trials(study, config: SweepConfig) -> int:
-    """Puts the config's `enqueue` parameter sets in the study's queue, in order: the next trials run them.
-
-    A set the study already holds (run, running or waiting) is not added again, so a resumed study does not
-    repeat its recipes. Returns how many were added.
-    """
-    from sweep.config import coerce_value
-
-    before = len(study.get_trials(deepcopy=False))
-    for params in config.enqueue:
-        study.enqueue_trial({k: coerce_value(v, config.search_space[k]) for k, v in params.items()},
-                            skip_if_exists=True)
-    added = len(study.get_trials(deepcopy=False)) - before
-    if added:
-        log.info("Enqueued %d trial(s) to run first (of %d parameter set(s))", added, len(config.enqueue))
-    return added
 
 
 def _trials_to_run(study, store: Store, lease: DriverLease, n_trials: int) -> int:
@@ -318,159 +264,6 @@ def _disk_full_target(error: BaseException, storage_url: str) -> str:
     return "the sweep's files"
 
 
-def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
-    """Joins `address`, or starts a local Ray; checks that a GPU profile has GPUs to run on."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray runs its workers at niceness 15, so that they yield to its own services: on a machine with
-    # any other load, a trial (the sweep's whole work) then gets a sliver of the CPU and runs many
-    # times slower. A local Ray of ours runs them at the driver's priority (a cluster keeps its own).
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-
-    from sweep import raynet
-
-    if not ray.is_initialized():
-        kwargs = dict(
-            runtime_env={"env_vars": env_vars},
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
-        try:
-            if address and address != "local":
-                # Probed first, Ray's waits bounded: an address that cannot be joined is one line within ~25 s.
-                raynet.join(address, **kwargs)
-            else:
-                # On loopback, with a token of this process (sweep.raynet). A local Ray only offers GPUs a
-                # GPU profile asked for: with the cpu profile, trials must not wait for a GPU slot.
-                raynet.start_local(num_cpus=os.cpu_count(), num_gpus=None if profile.uses_gpu else 0, **kwargs)
-        finally:
-            reclaim_stop_signals()  # ray.init took SIGTERM over
-    if profile.uses_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise GpuError(f"--gpu {profile.name}: the Ray cluster has no GPU; use --gpu cpu")
-
-
-def prepare_tasks(config: SweepConfig, work_dir: Path) -> Path:
-    """Writes the local lm-eval tasks (and their held-out data) into the sweep's work area."""
-    task_dir = work_dir / "tasks"
-    sources = {s.name: s for s in config.data.sources}
-    tokenizer = _prompt_tokenizer(config)
-    template = resolve_template(tokenizer, config.data.template)
-
-    def render_prompt(text: str) -> str:  # generated tasks are prompted as the model is trained
-        return render(tokenizer, template, Example(text, ""))[0]
-
-    for task in config.evaluator.all_tasks():
-        source = sources.get(task.source) if task.source is not None else None
-        if source is not None and source.generator != "digits":
-            write_micro_task(task.name, source.generator, task_dir, docs=heldout_docs(source), render=render_prompt)
-        elif source is not None:
-            data_file = write_choice_docs(
-                heldout_docs(source), work_dir / "data" / f"{task.name}.jsonl", config.data.template, tokenizer
-            )
-            write_choice_task(task.name, data_file, task_dir)
-        elif task.data_file is not None:
-            write_choice_task(task.name, task.data_file, task_dir)
-        elif task.generator is not None:
-            write_micro_task(task.name, task.generator, task_dir, n=task.num_docs, render=render_prompt)
-    task_dir.mkdir(parents=True, exist_ok=True)
-    return task_dir
-
-
-def check_contamination(config: SweepConfig, task_dir: str, work_dir: Path) -> Optional[str]:
-    """The contamination step of a sweep start: logs the overlaps and writes them to contamination.json.
-
-    Returns the file of evaluation n-grams the workers drop examples by
-    (with `data.drop_contaminated`), else None. A check that cannot run (an
-    evaluation dataset out of reach) is a warning unless dropping was asked for.
-    Hub sources that are an evaluation task's dataset are warned about first,
-    n-gram check or not, and written to contamination-datasets.json.
-    """
-    from sweep.contamination import cached_overlap_report, shared_datasets
-
-    try:
-        shared = shared_datasets(config)
-    except Exception as e:  # noqa: BLE001 - a report, like the n-gram one below
-        log.warning("Dataset-level contamination check skipped: %s", failure_reason(e))
-    else:
-        (work_dir / "contamination-datasets.json").write_text(
-            json.dumps([r.as_record() for r in shared], indent=2) + "\n")
-        for r in shared:
-            log.warning("Contamination: %s", r.describe())
-    try:
-        rows, grams_file = cached_overlap_report(config, task_dir, work_dir / "contamination")
-    except Exception as e:  # noqa: BLE001 - the report must not stop a sweep that does not drop examples
-        if config.data.drop_contaminated:
-            raise SweepError(f"contamination check failed: {failure_reason(e)}") from None
-        log.warning("Contamination check skipped: %s", failure_reason(e))
-        return None
-    (work_dir / "contamination.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
-    found = [r for r in rows if r.overlapping]
-    for r in found:
-        log.warning("Contamination: %d of %d examples of source %s share a 13-gram with task %s%s",
-                    r.overlapping, r.source_examples, r.source, r.task,
-                    " (dropped from training)" if config.data.drop_contaminated else "")
-    if not found:
-        log.info("Contamination check: no training example shares a 13-gram with an evaluation task")
-    return str(grams_file) if config.data.drop_contaminated else None
-
-
-def _prompt_tokenizer(config: SweepConfig):
-    """The base tokenizer when prompts depend on it (template `auto`: its chat template, if any)."""
-    if config.data.template != "auto":
-        return None
-    from trainer.model import load_tokenizer
-
-    return load_tokenizer(config.model)
-
-
-def _run_baseline(run: _Run) -> None:
-    """Scores the untuned base on slot 0 (whose base then stays loaded) and records it in our table.
-
-    Never as a trial: it must not feed the sampler.
-    """
-    import ray
-
-    config = run.config
-    log.info("Scoring the untuned base model %s (the baseline)", config.model.name_or_path)
-    spec = BaselineSpec(
-        model=config.model, eval=config.evaluator, task_dir=run.task_dir, num_threads=run.cpus_per_trial,
-        log_file=str(run.work_dir / "baseline.log"), device=run.device,
-        memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
-        host_memory_limit_gib=_host_memory_limit(run), mode=config.trainer.mode,
-    )
-    try:
-        result = ray.get(run.pool.actors[0].baseline.remote(spec))
-    except ray.exceptions.RayError as e:
-        run.pool.check(0)
-        why = out_of_memory_reason(spec.log_file) or failure_reason(e)
-        raise SweepError(f"scoring the base model failed: {why} (log: {spec.log_file})") from None
-    _log_base_load(config, result.base_load_seconds, 0)
-    values = suite_values(result.scores, config.evaluator, baseline=result.scores)
-    value = values[config.evaluator.objective_suite]
-    run.store.record_baseline(
-        run.study.study_name, config.model.name_or_path, value, result.scores, result.eval_seconds, values,
-        stderrs=result.stderrs, num_docs=result.num_docs,
-    )
-    # How the base was scored: an export of the untuned base (when it is the pick) loads it the same way.
-    run.study.set_user_attr("baseline_base", {"model": to_dict(config.model), "mode": config.trainer.mode})
-    log.info("Baseline: %s scores=%s", _fmt(values), _fmt(result.scores))
-    if run.trackers is not None:
-        run.trackers.baseline(config.model.name_or_path, result.scores, values, result.stderrs)
-
-
-def _log_base_load(config: SweepConfig, seconds: Optional[float], slot: int, base: Optional[dict] = None) -> None:
-    """The slot's base load (or swap, when the trial needed another format than the resident one) in the log."""
-    if seconds is None:
-        return
-    from trainer.model import base_label
-
-    form = f" ({base_label(base)})" if base else ""
-    if base and base.get("swapped_from"):
-        log.info("Slot %d swapped its base: %s -> %s, in %.1fs", slot, base["swapped_from"], base_label(base), seconds)
-    else:
-        log.info("Loaded base %s%s in %.1fs (slot %d)", config.model.name_or_path, form, seconds, slot)
-
 
 @dataclass
 class _Flight:
@@ -485,49 +278,11 @@ class _Flight:
     started: float = field(default_factory=time.monotonic)
 
 
-class Budget:
-    """`budget_hours` (slot-hours: GPU-hours on a GPU profile) and `timeout_seconds` of one start.
-
-    A trial starts only when the time it is expected to take (the mean of the
-    finished full-length trials, else of any finished ones) fits in what is
-    left, after what the running trials are still expected to use.
-    """
-
-    def __init__(self, hours: Optional[float], timeout_seconds: Optional[float], unit: str):
-        self.hours = hours
-        self.timeout_seconds = timeout_seconds
-        self.unit = unit
-        self.started = time.monotonic()
-        self.complete_seconds: list[float] = []
-        self.other_seconds: list[float] = []
-
-    def finished(self, seconds: float, complete: bool) -> None:
-        (self.complete_seconds if complete else self.other_seconds).append(seconds)
-
-    def trial_seconds(self) -> Optional[float]:
-        durations = self.complete_seconds or self.other_seconds
-        return sum(durations) / len(durations) if durations else None
-
-    def blocks(self, used_hours: float, running_seconds: list[float]) -> Optional[str]:
-        """Why no trial may start now, or None."""
-        estimate = self.trial_seconds()
-        about = f"; a trial takes about {estimate:.0f}s" if estimate is not None else ""
-        if self.timeout_seconds is not None:
-            left = self.timeout_seconds - (time.monotonic() - self.started)
-            if left <= 0 or (estimate is not None and estimate > left):
-                return f"timeout of {self.timeout_seconds:g}s: {max(left, 0):.0f}s left{about}"
-        if self.hours is not None:
-            still = sum(max(0.0, estimate - s) for s in running_seconds) if estimate is not None else 0.0
-            projected = used_hours + (still + (estimate or 0.0)) / 3600
-            if used_hours >= self.hours or projected > self.hours:
-                return f"budget of {self.hours:g} {self.unit}: {used_hours:.4f} used{about}"
-        return None
-
 
 class _Driver:
     """The loop of one start: keeps every slot busy, serves the mailbox, records each trial's end."""
 
-    def __init__(self, run: _Run, n_trials: int, failure: Optional[str] = None):
+    def __init__(self, run: Run, n_trials: int, failure: Optional[str] = None):
         """`failure`: why this start already failed (the baseline): it starts no trial."""
         orchestration = run.config.orchestration
         self.run_ = run
@@ -601,14 +356,14 @@ class _Driver:
         run = self.run_
         self._check_lease(fresh=True)  # a start that lost the study must not add trials to it
         trial = run.study.ask()
-        run.storage.record_heartbeat(trial._trial_id)
-        run.running_ids.add(trial._trial_id)
+        run.storage.record_heartbeat(trial_id(trial))
+        run.running_ids.add(trial_id(trial))
         self.to_start -= 1
         flight = _Flight(trial=trial, slot=slot, spec=None, params={}, started_at=utc_now())
         run.store.start_trial(run.study.study_name, trial.number, run.lease.driver_id, flight.started_at)
         try:
             flight.params = suggest(trial, run.config.search_space)
-            flight.spec = _trial_spec(run, trial.number, flight.params)
+            flight.spec = trial_spec(run, trial.number, flight.params)
             ref = run.pool.actors[slot].run.remote(flight.spec, MailboxReporter(run.mailbox))
         except Exception as e:  # noqa: BLE001 - a trial that cannot even start still ends FAIL
             self._fail(flight, failure_reason(e))
@@ -619,7 +374,7 @@ class _Driver:
         self.progress.running[trial.number] = RunningTrial(
             trial.number, slot, flight.params, total_steps=run.config.trainer.max_steps
         )
-        log.info("Trial %d started on slot %d: %s", trial.number, slot, _fmt(flight.params))
+        log.info("Trial %d started on slot %d: %s", trial.number, slot, fmt_values(flight.params))
 
     # --- while trials run ---
 
@@ -689,7 +444,7 @@ class _Driver:
         else:
             self._ended(flight, complete=not result.pruned)
             self.failure_streak.clear()
-            _log_base_load(run.config, result.base_load_seconds, flight.slot, result.base)
+            log_base_load(run.config, result.base_load_seconds, flight.slot, result.base)
             if result.pruned:
                 self._record_pruned(flight, result)
             else:
@@ -713,7 +468,7 @@ class _Driver:
         rungs = self._rungs(flight)
         self._save_artifacts(flight, record, rungs)
         end_trial(run.study, run.store, flight.trial, record, metrics)
-        run.running_ids.discard(flight.trial._trial_id)
+        run.running_ids.discard(trial_id(flight.trial))
         self._update_note()
         if run.trackers is not None and flight.spec is not None:
             run.trackers.trial(record, flight.params, flight.spec.hyperparameters, rungs, record.learning_rates or [],
@@ -722,7 +477,7 @@ class _Driver:
     def _rungs(self, flight: _Flight) -> tuple:
         """The (step, value) the trial reported at its rungs, from Optuna's storage."""
         try:
-            frozen = flight.trial.storage.get_trial(flight.trial._trial_id)
+            frozen = stored_trial(self.run_.study, flight.trial)
         except Exception:  # noqa: BLE001 - for the artifacts and trackers only
             return ()
         return tuple(sorted(frozen.intermediate_values.items()))
@@ -754,10 +509,7 @@ class _Driver:
         """Stores the trial FAIL; `streak`: a failure of the trial itself (not of the start stopping it);
         `feasible` False: it failed because its setting does not fit the profile."""
         trial = flight.trial
-        self._end(flight, TrialRecord(
-            trial_number=trial.number, state="FAIL", adapter_dir=None, scores={}, fail_reason=reason,
-            started_at=flight.started_at, finished_at=utc_now(), feasible=feasible,
-        ))
+        self._end(flight, failed_record(trial.number, reason, flight.started_at, feasible=feasible))
         self.progress.failed += 1
         self.last_failure = reason
         log.warning("Trial %d FAIL: %s%s", trial.number, reason,
@@ -781,30 +533,21 @@ class _Driver:
 
     def _record_pruned(self, flight: _Flight, result: TrialResult) -> None:
         trial = flight.trial
-        self._end(flight, TrialRecord(
-            trial_number=trial.number, state="PRUNED", adapter_dir=None, scores={},
-            started_at=flight.started_at, finished_at=utc_now(),
-            **{name: getattr(result, name) for name in MEASUREMENTS},
-        ))
+        self._end(flight, pruned_record(trial.number, result, flight.started_at))
         self.progress.pruned += 1
         log.info("Trial %d PRUNED at step %d: intermediate %s params=%s train=%.1fs", trial.number,
-                 result.train_steps, [(s, round(v, 4)) for s, v in result.intermediate], _fmt(flight.params),
+                 result.train_steps, [(s, round(v, 4)) for s, v in result.intermediate], fmt_values(flight.params),
                  result.train_seconds)
         self.display.event()
 
     def _record_complete(self, flight: _Flight, result: TrialResult) -> None:
         run, trial = self.run_, flight.trial
-        config, study, store = run.config, run.study, run.store
-        baseline = store.baseline(study.study_name)
-        values = suite_values(result.scores, config.evaluator, baseline["scores"] if baseline else None)
-        value = values[config.evaluator.objective_suite]
-        constraints = feasibility(result, config.study.full_run_hours_limit)
-        feasible = all(v <= 0 for v in constraints.values())
-        self._end(flight, TrialRecord(
-            trial_number=trial.number, state="COMPLETE", adapter_dir=result.adapter_dir, scores=result.scores,
-            values=values, value=value, constraints=constraints, started_at=flight.started_at, finished_at=utc_now(),
-            feasible=feasible, **{name: getattr(result, name) for name in MEASUREMENTS},
-        ), metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
+        config, study = run.config, run.study
+        baseline = run.store.baseline(study.study_name)
+        record = complete_record(trial.number, result, config.evaluator, baseline["scores"] if baseline else None,
+                                 config.study.full_run_hours_limit, flight.started_at)
+        self._end(flight, record, metrics={t.name: t.metric for t in config.evaluator.all_tasks()})
+        values, feasible = record.values, record.feasible
         best = best_trial(study)
         self.progress.complete += 1
         self.progress.best = (best.number, best.value) if best else None
@@ -812,7 +555,7 @@ class _Driver:
         log.info(
             "Trial %d COMPLETE: %s params=%s train=%.1fs (%.0f tok/s%s) eval=%.1fs full run %s%s; "
             "best is trial %s",
-            trial.number, _fmt(values), _fmt(flight.params), result.train_seconds, result.tokens_per_second,
+            trial.number, fmt_values(values), fmt_values(flight.params), result.train_seconds, result.tokens_per_second,
             f", {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else "",
             result.eval_seconds, _duration(hours),
             "" if feasible else " (INFEASIBLE)",
@@ -842,6 +585,7 @@ class _Driver:
                             f.trial.number)
 
 
+
 def _failure_kind(reason: str) -> str:
     """A failure reason with its numbers blanked: `out of memory: tried to allocate 2.1 GiB` is one kind."""
     import re
@@ -861,134 +605,4 @@ def _duration(hours: Optional[float]) -> str:
     if hours is None:
         return "n/a"
     return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
-
-
-def feasibility(result: TrialResult, hours_limit: float) -> dict[str, float]:
-    """Optuna constraints of a finished trial (<= 0 means satisfied).
-
-    `full_run_hours_over_limit`: projected hours of the full run on the target
-    GPU minus the limit. `memory_over_cap_gib`: peak GPU memory minus the
-    profile's cap (only where both are known).
-    """
-    constraints = {}
-    if result.projected_full_run_hours is not None:
-        constraints["full_run_hours_over_limit"] = min(result.projected_full_run_hours, 1e9) - hours_limit
-    if result.peak_memory_gib is not None and result.memory_cap_gib is not None:
-        constraints["memory_over_cap_gib"] = result.peak_memory_gib - result.memory_cap_gib
-    return constraints
-
-
-def _trial_spec(run: _Run, number: int, params: dict) -> TrialSpec:
-    """The plain-data description of a trial that travels to its worker."""
-    config, study_name = run.config, run.study.study_name
-    trial_dir = run.work_dir / "trials" / f"{number:04d}"
-    trial_config = with_params(config, params)
-    seed = config.study.trial_seed
-    if seed is None:
-        seed = derived_seed(config.study.seed, number)
-    return TrialSpec(
-        study_name=study_name,
-        trial_number=number,
-        seed=seed,
-        params=params,
-        model=trial_config.model,
-        data=trial_config.data,
-        train=trial_config.trainer,
-        eval=config.evaluator,
-        task_dir=run.task_dir,
-        adapter_dir=str(trial_dir / "adapter"),
-        log_file=str(trial_dir / "worker.log"),
-        # The resolved config of this trial (searched values in place) and where it came from.
-        hyperparameters={
-            **to_dict(trial_config),
-            "trial": {"study": study_name, "number": number, "seed": seed, "params": params},
-        },
-        num_threads=run.cpus_per_trial,
-        device=run.device,
-        memory_cap_gib=_memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
-        host_memory_limit_gib=_host_memory_limit(run),
-        exclude_ngrams_file=run.exclude_ngrams_file,
-        target_tflops=run.profile.bf16_tflops,
-        rungs=tuple(config.study.rungs) if config.study.pruner != "none" else (),
-        rung_eval_docs=config.study.rung_eval_docs,
-        baseline_scores=baseline["scores"] if (baseline := run.store.baseline(study_name)) else None,
-    )
-
-
-def _host_memory_limit(run: _Run) -> Optional[float]:
-    """The host memory a trial or the baseline may use (on every profile): the config's limit, else the slot's
-    share of the memory available when the start began (sweep.slots); None: no limit."""
-    limit = run.config.orchestration.cpu_memory_limit_gib
-    return limit if limit is not None else run.pool.share_gib
-
-
-def _memory_cap(profile: GpuProfile, override: Optional[float]) -> Optional[float]:
-    """The GPU memory a trial may use: the profile's cap, lowered by the config's."""
-    if override is None:
-        return profile.memory_cap_gib
-    return override if profile.memory_cap_gib is None else min(override, profile.memory_cap_gib)
-
-
-def _remote_options(profile: GpuProfile, cpus_per_trial: int) -> dict:
-    return {"num_cpus": cpus_per_trial, "num_gpus": 1 if profile.uses_gpu else 0}
-
-
-def _concurrency(config: SweepConfig, profile: GpuProfile, cpus_per_trial: int) -> int:
-    """Slots: `orchestration.concurrency`, else every GPU of the Ray cluster (1 on the cpu profile).
-
-    Never more than the cluster holds: a slot Ray cannot place would take trials and never run them.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    if profile.uses_gpu:
-        room = int(resources.get("GPU", 0))
-    else:
-        room = int(resources.get("CPU", 1) // cpus_per_trial)
-    wanted = config.orchestration.concurrency or (room if profile.uses_gpu else 1)
-    if wanted > room:
-        log.warning("Concurrency %d: the Ray cluster holds %d slot(s) of %s; running %d", wanted, room,
-                    "1 GPU" if profile.uses_gpu else f"{cpus_per_trial} CPU(s)", max(room, 1))
-    return max(1, min(wanted, room))
-
-
-def _cpus_per_trial(config: SweepConfig, profile: GpuProfile) -> int:
-    """Cores per trial: the configured number, else 4 on a GPU; on cpu the cores split between the slots."""
-    if config.orchestration.cpus_per_trial:
-        return config.orchestration.cpus_per_trial
-    cores = os.cpu_count() or 1
-    return max(1, cores // (config.orchestration.concurrency or 1)) if not profile.uses_gpu else min(4, cores)
-
-
-def _worker_env(config: SweepConfig, cpus_per_trial: int) -> dict[str, str]:
-    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-    env.update({
-        "OMP_NUM_THREADS": str(cpus_per_trial),
-        "MKL_NUM_THREADS": str(cpus_per_trial),
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TQDM_DISABLE": "1",
-        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-    })
-    if _is_offline(config):
-        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    return env
-
-
-def _is_offline(config: SweepConfig) -> bool:
-    """A sweep that needs nothing from the hub runs with the offline flags on."""
-    return (
-        config.model.name_or_path == DEMO_MODEL_ID
-        and all(t.is_local for t in config.evaluator.all_tasks())
-        and all(s.kind != "hub" for s in config.data.sources)
-    )
-
-
-def _fmt(values: dict) -> str:
-    parts = []
-    for k, v in values.items():
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return "{" + ", ".join(parts) + "}"
-
 

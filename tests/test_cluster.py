@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sweep.config import load_config
 from sweep.gpus import PROFILES
-from sweep.scheduler import _cpus_per_trial, _worker_env
+from sweep.cluster import cpus_per_trial, worker_env
 from sweep.worker import failure_reason
 
 
@@ -32,17 +32,17 @@ def test_reason_is_bounded():
 def test_demo_workers_run_offline_with_their_share_of_threads(monkeypatch):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    env = _worker_env(load_config(None), cpus_per_trial=2)
+    env = worker_env(load_config(None), cpus_per_trial=2)
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
     assert env["OMP_NUM_THREADS"] == "2"
     # A hub model may need the network: no offline flag unless the user set one.
     hub = load_config(None, ["model.name_or_path=mistralai/Mistral-7B-v0.1"])
-    assert "HF_HUB_OFFLINE" not in _worker_env(hub, 2)
+    assert "HF_HUB_OFFLINE" not in worker_env(hub, 2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert _worker_env(hub, 2)["HF_HUB_OFFLINE"] == "1"
+    assert worker_env(hub, 2)["HF_HUB_OFFLINE"] == "1"
 
 
 def test_cpus_per_trial():
     config = load_config(None)
-    assert _cpus_per_trial(config, PROFILES["h100"]) <= 4
-    assert _cpus_per_trial(load_config(None, ["orchestration.cpus_per_trial=1"]), PROFILES["cpu"]) == 1
+    assert cpus_per_trial(config, PROFILES["h100"]) <= 4
+    assert cpus_per_trial(load_config(None, ["orchestration.cpus_per_trial=1"]), PROFILES["cpu"]) == 1
