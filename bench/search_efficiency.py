@@ -38,8 +38,8 @@ METHODS = {
 def run_method(method: str, seed: int, args, work: Path, profile) -> dict:
     """One study of `method` from scratch: its trials' compute and the best value so far after each."""
     from sweep.config import load_config
-    from sweep.export import study_status
     from sweep.driver import run_sweep
+    from sweep.export import study_status
     from sweep.store import Store
     from sweep.study import load_existing_study, make_storage
 

@@ -47,7 +47,6 @@ class Budget:
         return None
 
 
-
 def feasibility(result: TrialResult, hours_limit: float) -> dict[str, float]:
     """Optuna constraints of a finished trial (<= 0 means satisfied).
 

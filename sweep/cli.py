@@ -268,8 +268,8 @@ def cmd_start(args) -> int:
         raise CliError(f"--study {study_name!r}: {problem}")
     _check_storage(args.storage, write=True)  # before Ray, the data or the base model: a start that cannot write stops
 
-    from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
     from sweep.driver import run_sweep
+    from sweep.faults import SweepError, ignore_file_size_signal, stop_signals_raise
     from sweep.study import StudyError, best_params
 
     if args.top is not None and args.enqueue_best_from is None:

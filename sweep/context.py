@@ -46,7 +46,6 @@ class Run:
     """The experiment trackers each ended trial is logged to (sweep.tracking.Trackers)."""
 
 
-
 def trial_spec(run: Run, number: int, params: dict) -> TrialSpec:
     """The plain-data description of a trial that travels to its worker."""
     config, study_name = run.config, run.study.study_name
@@ -91,7 +90,6 @@ def host_memory_limit(run: Run) -> Optional[float]:
     return limit if limit is not None else run.pool.share_gib
 
 
-
 def baseline_spec(run: Run) -> BaselineSpec:
     """The untuned base's scoring, on slot 0: the trials' model, suites, cores and memory limits."""
     config = run.config
@@ -101,10 +99,3 @@ def baseline_spec(run: Run) -> BaselineSpec:
         memory_cap_gib=memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
         host_memory_limit_gib=host_memory_limit(run), mode=config.trainer.mode,
     )
-
-
-def host_memory_limit(run: Run) -> Optional[float]:
-    """The host memory a trial or the baseline may use (on every profile): the config's limit, else the slot's
-    share of the memory available when the start began (sweep.slots); None: no limit."""
-    limit = run.config.orchestration.cpu_memory_limit_gib
-    return limit if limit is not None else run.pool.share_gib

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from sweep import cluster
 from sweep.artifacts import open_store, upload_trial_artifacts
 from sweep.baseline import log_base_load, run_baseline
 from sweep.budget import Budget
-from sweep import cluster
 from sweep.compat import stored_trial, trial_id
 from sweep.config import SweepConfig, study_name_problem
 from sweep.context import Run, trial_spec
@@ -76,7 +76,6 @@ class SweepOutcome:
     @property
     def all_failed(self) -> bool:
         return bool(self.trial_numbers) and self.failed == len(self.trial_numbers)
-
 
 
 def run_sweep(
@@ -229,7 +228,6 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
                         pick_untuned=_pick_is_untuned(study, store))
 
 
-
 def _pick_is_untuned(study, store: Store) -> bool:
     from sweep.export import study_status
 
@@ -238,7 +236,6 @@ def _pick_is_untuned(study, store: Store) -> bool:
     except Exception as e:  # noqa: BLE001 - for the last line only: `sweep status` says it again
         log.warning("The pick could not be read (%s)", failure_reason(e))
         return False
-
 
 
 def _trials_to_run(study, store: Store, lease: DriverLease, n_trials: int) -> int:
@@ -264,7 +261,6 @@ def _disk_full_target(error: BaseException, storage_url: str) -> str:
     return "the sweep's files"
 
 
-
 @dataclass
 class _Flight:
     """A trial in flight (driver side)."""
@@ -276,7 +272,6 @@ class _Flight:
     params: dict
     started_at: dt.datetime
     started: float = field(default_factory=time.monotonic)
-
 
 
 class _Driver:
@@ -583,7 +578,6 @@ class _Driver:
                     raise
                 log.warning("Trial %d left RUNNING (no room to record it): the next start recovers it",
                             f.trial.number)
-
 
 
 def _failure_kind(reason: str) -> str:

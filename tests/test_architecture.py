@@ -288,7 +288,6 @@ def all_hooks() -> list:
 
 def test_every_hook_is_checked_against_pyprojects_bound():
     import tomllib
-
     from packaging.requirements import Requirement
 
     bounds = {}

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_eval_speed import adapted  # noqa: F401  (the 4-bit demo base with a non-zero LoRA adapter)
+import torch
+
+from trainer.config import LoraConfig, ModelConfig
 
 FINGERPRINT = """\
 def process(doc, results):
@@ -13,6 +15,22 @@ def process(doc, results):
 
     return {"fingerprint": int(hashlib.sha256(results[0].encode()).hexdigest()[:8], 16) / 16**8}
 """
+
+
+@pytest.fixture
+def adapted(demo_base_dir):
+    """The demo base in 4-bit with a LoRA adapter whose B matrices are non-zero (a trained adapter's shape)."""
+    from trainer.model import attach_lora, load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
+    model = attach_lora(load_base_model(config, "cpu"), LoraConfig(r=8, alpha=16, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    return model, load_tokenizer(config)
 
 
 @pytest.fixture

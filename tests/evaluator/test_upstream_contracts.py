@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 import torch
-from test_eval_speed import _dequantize_then_matmul, _logits
+from fourbit import dequantize_then_matmul, logits
 
 from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.fast import dense_base, quantized_linears, use_dense
@@ -23,22 +23,22 @@ def test_dense_copy_gives_the_4bit_models_logits_and_restores_it(adapted):
     ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
     layers = [layer for _, _, layer in quantized_linears(model)]
     assert layers, "the demo base has 4-bit layers"
-    reference = _logits(model, ids)
+    reference = logits(model, ids)
     with model.disable_adapter():
-        base_only = _logits(model, ids)
+        base_only = logits(model, ids)
     assert not torch.allclose(reference, base_only, atol=1e-3), "the adapter must change the outputs"
 
     for merge in (False, True):
         with dense_base(model, merge=merge) as swapped:
             assert swapped == len(layers) and not quantized_linears(model)
-            dense = _logits(model, ids)
+            dense = logits(model, ids)
         torch.testing.assert_close(dense, reference, atol=2e-3, rtol=2e-3)
         assert (dense.argmax(-1) == reference.argmax(-1)).float().mean() > 0.99
 
     # The 4-bit layers are back, the same objects, and peft no longer thinks the adapter is merged.
     assert [layer for _, _, layer in quantized_linears(model)] == layers
     assert not any(getattr(m, "merged", False) for m in model.modules())
-    torch.testing.assert_close(_logits(model, ids), reference)
+    torch.testing.assert_close(logits(model, ids), reference)
 
 
 def test_greedy_generation_is_the_same_with_the_dense_copy(adapted):
@@ -48,7 +48,7 @@ def test_greedy_generation_is_the_same_with_the_dense_copy(adapted):
     batch = tok(prompts, return_tensors="pt", padding=True)
 
     def generate():
-        with _dequantize_then_matmul(model):
+        with dequantize_then_matmul(model):
             return model.generate(**batch, max_new_tokens=16, do_sample=False, use_cache=True,
                                   pad_token_id=tok.pad_token_id)
 
@@ -97,7 +97,7 @@ def test_greedy_decode_loop_matches_generate_and_stops_early(adapted):
     batch = tok(["Summarize: the river city market report", "Question: 12 plus 7 is",
                  "The quick brown fox jumps over the lazy dog and more words"], return_tensors="pt", padding=True)
     prompt = batch["input_ids"].shape[1]
-    with _dequantize_then_matmul(model):
+    with dequantize_then_matmul(model):
         reference = model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
         ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 20,
                                pad_token_id=tok.pad_token_id)
@@ -140,7 +140,7 @@ def test_shared_prefix_loglikelihoods_match_lm_evals_one_pass_per_choice(adapted
         context = tok(q, add_special_tokens=False)["input_ids"]
         for c in choices:
             requests.append(((q, c), context, tok(c, add_special_tokens=False)["input_ids"]))
-    with _dequantize_then_matmul(model):
+    with dequantize_then_matmul(model):
         ours = lm._loglikelihood_tokens(requests)
         theirs = HFLM._loglikelihood_tokens(lm, requests)
         # Rows split when a context's continuations do not fit, and one row per forward pass.
@@ -294,13 +294,13 @@ def test_fused_elementwise_runs_the_models_own_formulas_and_restores_them(adapte
     model, _ = adapted
     core = model.get_base_model()
     ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
-    reference = _logits(model, ids)
+    reference = logits(model, ids)
     rotary = llama.apply_rotary_pos_emb
     # The same formulas run uncompiled: the logits are bit for bit the model's own.
     with fused_elementwise(model, backend="eager") as fused:
         assert fused and llama.apply_rotary_pos_emb is not rotary
         assert "forward" in vars(core.model.norm) and "forward" in vars(core.model.layers[0].mlp)
-        assert torch.equal(_logits(model, ids), reference)
+        assert torch.equal(logits(model, ids), reference)
     assert llama.apply_rotary_pos_emb is rotary
     assert not any("forward" in vars(m) for m in core.modules())
     # An architecture whose code is not known to match is left alone.

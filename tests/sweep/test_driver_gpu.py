@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+pytestmark = pytest.mark.integration  # every test here starts Ray or runs a sweep
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 @pytest.mark.gpu

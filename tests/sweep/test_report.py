@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import optuna
+import pytest
 from browser import open_browser, screenshot_path
 from sweep_processes import study_status_of
 
@@ -14,6 +15,7 @@ from sweep.report import plot_data_mix, plot_history, write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 def test_the_report_opens_offline_in_a_browser_with_every_plot_and_names_the_pick(demo_study, tmp_path):
     from sweep.cli import main
 

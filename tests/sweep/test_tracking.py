@@ -88,6 +88,7 @@ def read_tensorboard(directory: Path) -> dict:
     return {"scalars": scalars, "texts": texts}
 
 
+@pytest.mark.integration
 def test_every_trial_and_the_baseline_are_runs_in_wandb_and_tensorboard_grouped_by_study(
         cli, tmp_path, monkeypatch, ray_session):
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -136,6 +137,7 @@ def test_every_trial_and_the_baseline_are_runs_in_wandb_and_tensorboard_grouped_
         status["baseline"]["scores"]["demo_digits"])
 
 
+@pytest.mark.integration
 def test_a_tracker_that_fails_leaves_the_trial_complete_with_one_warning(cli, tmp_path, caplog, ray_session):
     work = tmp_path / "runs" / "broken"
     work.mkdir(parents=True)

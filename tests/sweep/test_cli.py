@@ -20,8 +20,21 @@ def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
     for command in ("start", "status", "export", "dashboard", "validate", "contamination", "report", "serve",
-                    "submission"):
+                    "submission", "lm-eval"):
         assert command in result.stdout
+
+
+def test_lm_eval_takes_lm_evals_own_arguments_and_other_commands_still_refuse_unknown_ones(capsys):
+    """`sweep lm-eval ...` hands every argument to lm-eval's CLI, its own --help included (the scoring through it
+    is tests/evaluator/test_cli.py's); the other commands still refuse arguments they do not know."""
+    from sweep.cli import main
+
+    assert main(["lm-eval", "--help"]) == 0
+    assert "usage: lm-eval" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["status", "--model", "sweep"])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --model sweep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command,flags", [

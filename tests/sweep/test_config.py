@@ -12,7 +12,7 @@ import yaml
 
 from sweep.config import ConfigError, demo_config_path, load_config, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -132,6 +132,7 @@ def test_cli_dashboard_refuses_a_missing_artifacts_directory(tmp_path, capsys):
 # --- on a finished demo study ---
 
 
+@pytest.mark.integration
 def test_trials_end_with_scalar_attributes_artifacts_and_the_pick_in_the_study_note(demo_study):
     from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
     from optuna_dashboard import get_note
@@ -194,6 +195,7 @@ def dashboard_process(demo_study):
         server.communicate(timeout=10)
 
 
+@pytest.mark.integration
 def test_the_dashboard_in_a_browser_names_the_objective_shows_the_pick_and_each_trials_artifacts(
         demo_study, tmp_path):
     status = study_status_of(demo_study.storage, demo_study.study)
@@ -233,6 +235,7 @@ def test_the_dashboard_in_a_browser_names_the_objective_shows_the_pick_and_each_
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+@pytest.mark.integration
 def test_a_copy_of_the_artifact_store_opens_with_artifacts(demo_study, tmp_path):
     from optuna.artifacts import get_all_artifact_meta
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration  # every test here starts Ray or runs a sweep
+
 MAX_SEQ_LENGTH = 64
 LONG_TEXT = "once upon a time " * 20  # about 270 demo tokens: over MAX_SEQ_LENGTH in any template
 NUM_DIGITS = 300

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here starts Ray or runs a sweep
+
 # What each version's client imports, beyond crfm-helm itself (found by importing it in an empty venv).
 CLIENT_DEPENDENCIES = {
     "0.5.16": ["requests", "filelock", "zstandard", "tqdm", "pyhocon", "pyyaml", "colorlog", "sqlitedict",
@@ -134,7 +136,7 @@ def _check(out: dict, stop: str, full: str) -> None:
 
 
 def _greedy_text(url: str) -> str:
-    from test_serve import Request, helm_completion
+    from helm_requests import Request, helm_completion
 
     text = helm_completion(url, Request(prompt=PROMPT, temperature=0, max_tokens=12))["text"]
     assert len(text) >= 6, text

@@ -23,6 +23,7 @@ def _sweep_logs(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "sweep"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("n_trials", [4, pytest.param(12, marks=pytest.mark.slow)])
 def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, cli, ray_session, caplog, n_trials):
     caplog.set_level(logging.INFO, logger="sweep")
@@ -50,6 +51,7 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
     assert len({t["timeline"]["slot"] for t in trials}) == 1
 
 
+@pytest.mark.integration
 def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, caplog):
     caplog.set_level(logging.INFO, logger="sweep")
     # Trials of 60 steps: long enough that the second slot's start (its own base load) falls within the first.
@@ -65,6 +67,7 @@ def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, cap
     assert "2 slot(s), 1 CPU core(s) each, resident base" in _sweep_logs(caplog)
 
 
+@pytest.mark.integration
 def test_budget_stops_starting_trials_and_progress_shows_hours(tmp_path, cli, ray_session, caplog):
     caplog.set_level(logging.INFO, logger="sweep")
     # 5.4 slot-seconds: after the first trial, a second one would not fit.
@@ -99,6 +102,7 @@ def test_live_display_shows_running_trials_and_gpu_hours():
     assert "0.7833 of 2 GPU-hours used" in text  # 0.75 finished + 2 minutes running
 
 
+@pytest.mark.integration
 def test_a_killed_driver_is_resumed_by_the_next_start(tmp_path, cli, ray_session):
     db = tmp_path / "studies.db"
     driver = start_driver(tmp_path, "crash", *LIGHT)
@@ -127,6 +131,7 @@ def test_a_killed_driver_is_resumed_by_the_next_start(tmp_path, cli, ray_session
     assert ended[0][0].startswith("died (process") and ended[1][0] == "finished"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig, code, reason", [
     (signal.SIGTERM, 143, "terminated"),
     pytest.param(signal.SIGINT, 130, "interrupted", marks=pytest.mark.slow),
@@ -203,11 +208,12 @@ def test_a_slot_measures_its_memory_growth_since_its_first_trial():
     del held
 
 
+@pytest.mark.integration
 def test_a_slot_whose_actor_died_is_replaced(ray_session, caplog):
     import ray
 
-    from sweep.gpus import detect_profile
     from sweep.cluster import start_ray
+    from sweep.gpus import detect_profile
     from sweep.slots import SlotPool
 
     caplog.set_level(logging.INFO, logger="sweep")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from sweep.cluster import cpus_per_trial, worker_env
 from sweep.config import load_config
 from sweep.gpus import PROFILES
-from sweep.cluster import cpus_per_trial, worker_env
 from sweep.worker import failure_reason
 
 

@@ -10,65 +10,10 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 
 import pytest
+from helm_requests import Request, helm_completion, helm_raw_request, post
 from sweep_processes import serving_process
-
-
-def post(url: str, body, timeout: float = 120) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-# --- HELM's requests, line for line ---
-
-
-@dataclass(frozen=True)
-class Request:
-    """The fields of HELM's `helm.common.request.Request` that its HTTP client reads, with HELM's defaults."""
-
-    prompt: str = ""
-    temperature: float = 1.0
-    num_completions: int = 1
-    top_k_per_token: int = 1
-    max_tokens: int = 100
-    stop_sequences: list = field(default_factory=list)
-    echo_prompt: bool = False
-    top_p: float = 1
-
-
-def helm_raw_request(request: Request) -> dict:
-    """`raw_request` of `HTTPModelClient.make_request`, as in crfm-helm 0.5.16 (`helm/clients/http_model_client.py`)
-    and 0.2.4, the challenge's time (`helm/proxy/clients/http_model_client.py`): the two build it alike."""
-    return {
-        "prompt": request.prompt,
-        "temperature": 1e-7 if request.temperature == 0 else request.temperature,
-        "num_return_sequences": request.num_completions,
-        "max_new_tokens": request.max_tokens,
-        "top_p": request.top_p,
-        "echo_prompt": request.echo_prompt,
-        "top_k_per_token": request.top_k_per_token,
-        "stop_sequences": request.stop_sequences,
-    }
-
-
-def helm_completion(url: str, request: Request) -> dict:
-    """What HELM's client makes of the answer: 0.2.4 reads each token's `top_logprob`, 0.5.16 `text` and `logprob`."""
-    status, response = post(f"{url}/process", helm_raw_request(request))
-    assert status == 200, response
-    tokens = [{"text": t["text"], "logprob": t["logprob"], "top_logprobs": t["top_logprob"]}
-              for t in response["tokens"]]
-    assert isinstance(response["request_time"], float) and response["request_time"] >= 0
-    return {"text": response["text"], "logprob": response["logprob"], "tokens": tokens}
-
 
 # The demo's template (alpaca) around a summary, a shape the demo trains: its completions run several tokens.
 PROMPT = ("### Instruction:\nSummarize: The river town of Alder held a market on Monday where farmers sold apples "
@@ -84,6 +29,7 @@ def _agrees(completion: dict) -> None:
     assert all(t["logprob"] <= 0 for t in completion["tokens"])
 
 
+@pytest.mark.integration
 def test_greedy_completions_from_helms_request_are_deterministic_and_consistent(demo_server):
     request = Request(prompt=PROMPT, temperature=0, max_tokens=12, top_k_per_token=4)
     first = helm_completion(demo_server, request)
@@ -95,6 +41,7 @@ def test_greedy_completions_from_helms_request_are_deterministic_and_consistent(
         assert token["logprob"] == pytest.approx(max(token["top_logprobs"].values()), abs=1e-4)
 
 
+@pytest.mark.integration
 def test_stop_sequences_are_cut_at_the_earliest_match(demo_server):
     full = helm_completion(demo_server, Request(prompt=PROMPT, temperature=0, max_tokens=16))
     text = full["text"]
@@ -109,6 +56,7 @@ def test_stop_sequences_are_cut_at_the_earliest_match(demo_server):
     assert len(cut["tokens"]) <= len(full["tokens"])
 
 
+@pytest.mark.integration
 def test_echo_prompt_returns_the_prompt_with_its_tokens_logprobs(demo_server):
     scored = helm_completion(demo_server, Request(prompt=PROMPT, echo_prompt=True, max_tokens=0, top_k_per_token=2))
     assert scored["text"] == PROMPT
@@ -122,6 +70,7 @@ def test_echo_prompt_returns_the_prompt_with_its_tokens_logprobs(demo_server):
     assert echoed["logprob"] == pytest.approx(plain["logprob"], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_the_same_seed_gives_the_same_sample(demo_server):
     def sample(seed: int) -> str:
         status, response = post(f"{demo_server}/process", {"prompt": PROMPT, "num_samples": 1, "max_new_tokens": 12,
@@ -135,6 +84,7 @@ def test_the_same_seed_gives_the_same_sample(demo_server):
     assert any(sample(seed) != first for seed in range(8, 14))  # and the seed matters
 
 
+@pytest.mark.integration
 def test_tokenize_and_decode_round_trip_with_truncation(demo_server):
     status, tokenized = post(f"{demo_server}/tokenize", {"text": PROMPT, "truncation": False, "max_length": 2048})
     assert status == 200 and all(isinstance(t, int) for t in tokenized["tokens"]) and tokenized["request_time"] >= 0
@@ -144,6 +94,7 @@ def test_tokenize_and_decode_round_trip_with_truncation(demo_server):
     assert truncated["tokens"] == tokenized["tokens"][:3]
 
 
+@pytest.mark.integration
 def test_unknown_fields_are_ignored_and_nulls_take_defaults(demo_server):
     body = {**helm_raw_request(Request(prompt=PROMPT, temperature=0, max_tokens=5)), "presence_penalty": 0,
             "some_future_field": {"x": 1}, "stop_sequences": None, "top_k_per_token": None}
@@ -151,6 +102,7 @@ def test_unknown_fields_are_ignored_and_nulls_take_defaults(demo_server):
     assert status == 200 and response["tokens"], response
 
 
+@pytest.mark.integration
 def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(demo_server):
     too_long = " ".join(["digits"] * 5000)
     cases = [
@@ -178,6 +130,7 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(demo_
     assert status == 200 and response["tokens"]
 
 
+@pytest.mark.integration
 def test_sixteen_concurrent_clients_all_get_their_own_answers(demo_server):
     prompts = [PROMPT.replace("Alder", TOWNS[i % 8]).replace("apples and bread", GOODS[i // 4]) for i in range(16)]
     expected = [helm_completion(demo_server, Request(prompt=p, temperature=0, max_tokens=8)) for p in prompts]
@@ -198,6 +151,7 @@ def test_sixteen_concurrent_clients_all_get_their_own_answers(demo_server):
     assert len({r["text"] for r in results}) > 1  # the prompts differ, and so do their answers
 
 
+@pytest.mark.integration
 def test_serve_refuses_a_taken_port_and_a_directory_that_is_no_export_in_one_line(demo_export, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -215,6 +169,7 @@ def test_serve_refuses_a_taken_port_and_a_directory_that_is_no_export_in_one_lin
     assert "is not a sweep export (no adapter_config.json)" in result.stderr
 
 
+@pytest.mark.integration
 def test_the_submission_packs_the_export_and_its_command_serves_it(demo_export, demo_server, tmp_path):
     from sweep.cli import main
 
@@ -256,6 +211,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.integration
 def test_sweep_serve_runs_without_the_orchestration_libraries(demo_export):
     """The image installs only what serving needs: `sweep serve`, errors included, imports no optuna, ray,
     SQLAlchemy, lm-eval, datasets or matplotlib (each import of them fails here)."""
@@ -283,7 +239,7 @@ def test_the_serve_benchmark_runs_on_the_tiny_cpu_shape(tmp_path):
     from pathlib import Path
 
     out = tmp_path / "serve.json"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, str(root / "bench" / "serve_throughput.py"), "--requests", "4",
                              "--clients", "2", "--new-tokens", "4", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=root)
@@ -295,6 +251,7 @@ def test_the_serve_benchmark_runs_on_the_tiny_cpu_shape(tmp_path):
         assert 0 < run["latency_p50_s"] <= run["latency_p95_s"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_greedy_decoder_and_the_sampling_loop_agree_where_sampling_has_one_choice(demo_export, device):
     """Greedy requests take the evaluator's decoder (static cache; a CUDA graph on a GPU), sampled ones the

@@ -59,6 +59,7 @@ def _records(storage: str, study: str):
     return Store(storage, create=False, read_only=True).trials(study)
 
 
+@pytest.mark.integration
 def test_trials_of_two_modes_and_two_quantizations_complete_and_say_so(mode_study):
     import optuna
 
@@ -84,6 +85,7 @@ def test_trials_of_two_modes_and_two_quantizations_complete_and_say_so(mode_stud
                                                                             t.params["model.quant_type"])
 
 
+@pytest.mark.integration
 def test_the_slot_swaps_its_resident_base_and_times_it(mode_study):
     records = _records(mode_study.storage, "modes")
     assert "swapped_from" not in records[0].base  # the baseline's NF4 base was still resident
@@ -98,10 +100,12 @@ def test_the_slot_swaps_its_resident_base_and_times_it(mode_study):
     assert "swapped base sweep-demo/tiny-llama 16-bit (float32) -> sweep-demo/tiny-llama int8 8-bit" in worker_log
 
 
+@pytest.mark.integration
 def test_a_repeated_enqueued_set_is_not_run_twice(mode_study):
     assert any("Enqueued 3 trial(s)" in line for line in mode_study.log)
 
 
+@pytest.mark.integration
 def test_warm_start_runs_the_best_trials_of_another_study_first(mode_study):
     import optuna
 
@@ -117,6 +121,7 @@ def test_warm_start_runs_the_best_trials_of_another_study_first(mode_study):
     assert all(t.state.name == "COMPLETE" for t in warm.trials)
 
 
+@pytest.mark.integration
 def test_warm_start_from_an_incompatible_space_is_one_line_before_anything_runs(mode_study, capsys):
     # The demo's space has no trainer.mode: the source's trials cannot be enqueued in it.
     assert _start("--trials", "1", "--storage", mode_study.storage, "--study", "other",
@@ -164,6 +169,7 @@ def test_enqueued_numbers_written_as_strings_are_numbers():
                         config.search_space["trainer.learning_rate"]) == 5e-3
 
 
+@pytest.mark.integration
 def test_an_int8_adapter_merges_into_its_scaled_back_weights(mode_study, tmp_path):
     """`sweep export --merge` of the int8 trial: the merged model's logits match the adapter on its int8 base
     (the int8 matmul quantizes activations too, so close, not exact)."""

@@ -80,6 +80,7 @@ def _status(storage: str) -> dict:
     return study_status(study, Store(storage, create=False, read_only=True))
 
 
+@pytest.mark.integration
 def test_the_untuned_base_is_the_pick_when_no_trial_beats_it(base_wins, cli):
     status = _status(base_wins.storage)
     trials = [t for t in status["trials"] if t["state"] == "COMPLETE"]
@@ -94,6 +95,7 @@ def test_the_untuned_base_is_the_pick_when_no_trial_beats_it(base_wins, cli):
     assert "the untuned base included): the untuned base open=" in table and "no trial beat it" in table
 
 
+@pytest.mark.integration
 def test_the_note_and_the_report_name_the_base_as_the_pick(base_wins, cli, tmp_path):
     from sweep.note import study_note
 
@@ -106,6 +108,7 @@ def test_the_note_and_the_report_name_the_base_as_the_pick(base_wins, cli, tmp_p
     assert "Pick: the untuned base" in page
 
 
+@pytest.mark.integration
 def test_exporting_the_base_writes_its_id_and_a_card_without_an_adapter(base_wins, cli, tmp_path, capsys):
     from sweep.cli import main
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SWEEP_CONFIGS = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "recipes").glob("*.yaml"))
 RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
 SUITES = sorted((CONFIGS / "suites").glob("*.yaml"))
@@ -123,6 +123,7 @@ def test_njust_recipe_trains_on_a_dataset_it_is_scored_on():
     assert bbq and bbq[0].trained_split == "test" and "test" in (bbq[0].scored_split or ""), rows
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # five starts; `.ci/run` runs it (`python -m pytest -m slow`)
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trial_0_runs_the_recipe_on_the_demo_base(path, tmp_path, ray_session, monkeypatch):

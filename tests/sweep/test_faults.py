@@ -124,10 +124,12 @@ def tmpfs_allowed(tmp_path):
     return _can_mount(tmp_path)
 
 
+@pytest.mark.integration
 def test_a_full_disk_stops_the_sweep_in_one_line_and_the_next_start_recovers(tmp_path, tmpfs_allowed):
     _full_disk_sweep(tmp_path, "tmpfs" if tmpfs_allowed else "file-size limit")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_file_size_limit_is_a_full_disk_too(tmp_path, tmpfs_allowed):
     if not tmpfs_allowed:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from sweep_processes import common, kill_session
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIMIT_S = 30.0
 
 # Joins each ADDRESS in turn through start_ray and prints what came of it (a joined cluster runs a task first).
@@ -236,6 +236,7 @@ def ray_start_head(tmp_path_factory):
 # --- the local Ray -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_local_ray_listens_on_loopback_only_and_asks_for_its_token(tmp_path):
     # A home of its own: Ray's default token file (~/.ray/auth_token) must not be written, nor read.
     local = subprocess.Popen([sys.executable, "-c", LOCAL], cwd=ROOT, env=ray_env(HOME=str(tmp_path)), text=True,
@@ -281,6 +282,7 @@ def test_the_local_ray_listens_on_loopback_only_and_asks_for_its_token(tmp_path)
 # --- --address -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # the default run keeps one case, through the CLI (below)
 def test_unjoinable_addresses_fail_within_30s_in_one_line(tmp_path, not_ray_servers, ray_start_head):
     silent_port, http_port = not_ray_servers
@@ -336,6 +338,7 @@ def test_unjoinable_addresses_fail_within_30s_in_one_line(tmp_path, not_ray_serv
         pytest.skip(f"unshare is not permitted here: not run: {', '.join(skipped)}")
 
 
+@pytest.mark.integration
 def test_joining_a_real_cluster_started_with_ray_start(ray_start_head):
     address = ray_start_head.address()
     (result,), err = finish(start_join([address], ray_start_head.env))

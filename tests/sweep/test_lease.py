@@ -207,10 +207,12 @@ def _race(tmp_path, round_: int) -> None:
     assert len({frozenset(s) for s in sets.values()}) == len(sets) == 3  # no parameter set ran twice
 
 
+@pytest.mark.integration
 def test_two_starts_on_one_study_leave_one_driver(tmp_path):
     _race(tmp_path, 0)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("round_", range(10))
 def test_two_starts_on_one_study_repeated(tmp_path, round_):

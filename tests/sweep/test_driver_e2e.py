@@ -13,6 +13,8 @@ import pytest
 import yaml
 from sweep_processes import ONE_THREAD
 
+pytestmark = pytest.mark.integration  # every test here starts Ray or runs a sweep
+
 
 def _umask() -> int:
     mask = os.umask(0)

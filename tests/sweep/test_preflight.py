@@ -135,6 +135,7 @@ def test_a_jsonl_line_that_is_not_json_is_a_skipped_row_not_a_failed_trial(tmp_p
     check_data(config)  # one usable example: the start may go on
 
 
+@pytest.mark.integration
 def test_trials_failing_for_the_same_reason_stop_the_start(tmp_path, capsys, caplog, monkeypatch, ray_session):
     """Three trials in a row failing the same way stop a start of five; it exits 1 and says why; a resumed
     study shows its best from the start."""
@@ -154,6 +155,7 @@ def test_trials_failing_for_the_same_reason_stop_the_start(tmp_path, capsys, cap
     assert progress and all("best trial 0 (0.2500)" in line for line in progress)
 
 
+@pytest.mark.integration
 def test_a_baseline_that_cannot_be_scored_starts_no_trial(tmp_path, capsys, monkeypatch, ray_session):
     monkeypatch.chdir(tmp_path)
     broken = tmp_path / "broken_task.jsonl"

@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from fourbit import dequantize_then_matmul, logits
 
 from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.fast import GenerationPlan, dense_base, dense_bytes, generation_plan, quantized_linears, use_dense
-from trainer.config import LoraConfig, ModelConfig
 
 
-@pytest.fixture
-def adapted(demo_base_dir):
-    """The demo base in 4-bit with a LoRA adapter whose B matrices are non-zero (a trained adapter's shape)."""
-    from trainer.model import attach_lora, load_base_model, load_tokenizer
-
-    config = ModelConfig(name_or_path="sweep-demo/tiny-llama")
-    model = attach_lora(load_base_model(config, "cpu"), LoraConfig(r=8, alpha=16, dropout=0.0))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.eval()
-    return model, load_tokenizer(config)
-
-
-@contextlib.contextmanager
-def _dequantize_then_matmul(model):
-    """Runs the block with bitsandbytes on its dequantize-then-matmul path, the one GPUs take for batched inputs.
-
-    Train mode (dropout is 0) keeps it there; in eval mode on CPUs with AVX512-BF16 it switches to a
-    repacked kernel that rounds differently. No gradients either way.
-    """
-    model.train()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.eval()
-
-
-def _logits(model, ids):
-    with _dequantize_then_matmul(model):
-        return model(input_ids=ids).logits.float()
-
-
-def test_fused_projections_give_the_separate_layers_logits(adapted):
+def test_fused_projections_give_the_separate_layerslogits(adapted):
     from evaluator.fast import PROJECTION_GROUPS
 
     model, tok = adapted
@@ -56,7 +18,7 @@ def test_fused_projections_give_the_separate_layers_logits(adapted):
     # More rows than SHARED_PROJECTION_ROWS: the members' own matmuls.
     long_ids = torch.randint(3, model.config.vocab_size, (2, 600), generator=torch.Generator().manual_seed(3))
     with dense_base(model, fuse_projections=False):
-        separate, long_separate = _logits(model, ids), _logits(model, long_ids)
+        separate, long_separate = logits(model, ids), logits(model, long_ids)
         assert not any(type(m).__name__ == "SharedProjection" for m in model.modules())
     with dense_base(model) as swapped:
         dense = [m for m in model.modules() if type(m).__name__ in ("DenseLinear", "SharedProjection")]
@@ -68,7 +30,7 @@ def test_fused_projections_give_the_separate_layers_logits(adapted):
         attention = next(m for m in model.modules() if hasattr(m, "q_proj") and type(m.q_proj).__name__ != "Linear")
         assert attention.q_proj.shared is attention.v_proj.shared
         assert attention.q_proj.weight.data_ptr() == attention.q_proj.shared.weight.data_ptr()
-        fused, long_fused = _logits(model, ids), _logits(model, long_ids)
+        fused, long_fused = logits(model, ids), logits(model, long_ids)
         # Nothing is held between forward passes.
         assert all(m.shared.parts is None for m in shared)
         batch = tok(["The quick brown fox", "12 plus 7 is"], return_tensors="pt", padding=True)
@@ -143,7 +105,7 @@ def test_decoder_reuses_its_cache_for_smaller_batches(adapted):
                 return_tensors="pt", padding=True)
     second = tok(["A short one", "Question: 3 plus 4 is"], return_tensors="pt", padding=True)
     decoder = GreedyDecoder(model)
-    with _dequantize_then_matmul(model):
+    with dequantize_then_matmul(model):
         a = decoder.generate(first["input_ids"], first["attention_mask"], 12)
         session = decoder.session
         b = decoder.generate(second["input_ids"], second["attention_mask"], 12)
@@ -162,7 +124,7 @@ def test_prefill_in_chunks_of_rows_decodes_the_same(adapted):
     batch = tok(["Summarize: the river city market report", "Question: 12 plus 7 is", "The quick brown fox",
                  "One more prompt of a middling length"], return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    with _dequantize_then_matmul(model):
+    with dequantize_then_matmul(model):
         whole = greedy_generate(model, ids, mask, 16)
         for rows in (1, 3):  # chunks that divide the batch, and one that leaves a remainder
             assert torch.equal(greedy_generate(model, ids, mask, 16, prefill_rows=rows), whole)

@@ -16,7 +16,7 @@ from sweep_processes import LIGHT, kill_session, rows, start_driver
 
 from sweep.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MISTRAL = ROOT / "configs" / "mistral-7b-a100.yaml"
 REASON = re.compile(r"out of memory: the (trial|baseline)'s process used (\d+\.\d+) GiB, over its limit of "
                     r"(\d+\.\d+) GiB \(orchestration\.cpu_memory_limit_gib")
@@ -165,6 +165,7 @@ def _wait_exit(driver: subprocess.Popen, seconds: float = 180) -> int:
         raise AssertionError("the driver did not exit") from None
 
 
+@pytest.mark.integration
 def test_a_trial_over_its_host_memory_limit_ends_fail_out_of_memory_and_the_start_ends(tmp_path):
     """`sweep start` with a limit below what any slot needs: the slot kills itself at once, the trial is FAIL
     with the watchdog's reason (not Ray's "actor died"), and the driver exits."""
@@ -189,6 +190,7 @@ def test_a_trial_over_its_host_memory_limit_ends_fail_out_of_memory_and_the_star
         kill_session(driver.pid)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_baseline_runs_under_the_limit_too(tmp_path):
     """A fresh study under the same limit: the baseline's slot ends the same way, and the start says why."""
@@ -202,6 +204,7 @@ def test_the_baseline_runs_under_the_limit_too(tmp_path):
         kill_session(driver.pid)
 
 
+@pytest.mark.integration
 def test_the_default_limit_is_the_slots_share_of_the_available_memory(ray_session):
     import ray
 

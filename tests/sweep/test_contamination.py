@@ -64,6 +64,7 @@ def test_planted_overlap_is_reported_and_dropped(tmp_path):
     assert kept.stats.rows_used["news"] == NUM_PLANTED + 30  # without dropping, all are trained on
 
 
+@pytest.mark.integration
 def test_contamination_command_and_a_sweep_that_drops(tmp_path, monkeypatch, cli, ray_session):
     monkeypatch.chdir(tmp_path)
     path = write_config(tmp_path, drop=True)

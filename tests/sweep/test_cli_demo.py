@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here starts Ray or runs a sweep
+
 
 @pytest.mark.slow
 def test_the_demo_searches_the_mix_and_every_task_learns(tmp_path, monkeypatch, cli, ray_session):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from sweep.gpus import PROFILES, GpuError, detect_profile, resolve_profile, visible_gpus
 from sweep.cluster import remote_options
+from sweep.gpus import PROFILES, GpuError, detect_profile, resolve_profile, visible_gpus
 
 
 @pytest.mark.parametrize("gpus,expected", [
