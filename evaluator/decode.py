@@ -22,7 +22,7 @@ import logging
 import time
 
 from evaluator import compat
-from evaluator.fast import core_model
+from trainer.model import unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, cuda_graph: bool = True):
-        self.core = core_model(model)  # its forward takes the cache arguments directly
+        self.core = unwrap_peft(model)  # its forward takes the cache arguments directly
         self.cuda_graph = cuda_graph
         self.session: _Session | None = None
 

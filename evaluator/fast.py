@@ -20,13 +20,7 @@ import contextlib
 from dataclasses import dataclass
 
 from evaluator import compat
-
-GIB = 2**30
-
-
-def core_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from trainer.units import GIB
 
 
 def _linear(x, weight, bias):

@@ -21,7 +21,7 @@ import contextlib
 import functools
 
 from evaluator.compat import swapped_elementwise
-from evaluator.fast import core_model
+from trainer.model import unwrap_peft
 
 FUSED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
 
@@ -80,7 +80,7 @@ def _kernels(backend: str):
 
 
 def can_fuse(model) -> bool:
-    core = core_model(model)
+    core = unwrap_peft(model)
     config = getattr(core, "config", None)
     return type(core).__name__ in FUSED_ARCHITECTURES and getattr(config, "hidden_act", None) == "silu"
 
@@ -96,7 +96,7 @@ def fused_elementwise(model, backend: str = "inductor"):
     if not can_fuse(model):
         yield False
         return
-    core = core_model(model)
+    core = unwrap_peft(model)
     rms_norm, silu_gate, rotary = _kernels(backend)
 
     def norm_forward(self, hidden_states):

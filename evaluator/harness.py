@@ -24,8 +24,9 @@ import yaml
 from evaluator import compat
 from evaluator.config import GenerationConfig, TaskConfig
 from evaluator.decode import grouped_attention
-from evaluator.fast import core_model, dense_base, use_dense
+from evaluator.fast import dense_base, use_dense
 from evaluator.fuse import fused_elementwise
+from trainer.model import unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _score_fast(model, tokenizer, tasks, task_dir, batch_size, generation, dequa
     device = next(model.parameters()).device
     dense = use_dense(model, dequantize, device, memory_budget_gib)
     fuse = fuse_kernels is True or (fuse_kernels == "auto" and device.type == "cuda")
-    with grouped_attention(core_model(model)), dense_base(model) if dense else contextlib.nullcontext(), \
+    with grouped_attention(unwrap_peft(model)), dense_base(model) if dense else contextlib.nullcontext(), \
             fused_elementwise(model) if fuse else contextlib.nullcontext():
         lm = SweepLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, memory_budget_gib=memory_budget_gib,
                      generation_batch_size=generation.batch_size if generation is not None else "auto")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from evaluator.fast import core_model
+from trainer.model import unwrap_peft
 
 
 @dataclass
@@ -37,7 +37,7 @@ def shared_prefix_loglikelihoods(
         token_budget: padded tokens per forward pass.
     """
 
-    core = core_model(model)
+    core = unwrap_peft(model)
     device = next(core.parameters()).device
     keeps_logits = "logits_to_keep" in inspect.signature(core.forward).parameters
     rows = _rows(requests, max_length)

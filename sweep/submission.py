@@ -90,12 +90,13 @@ def merged_model(adapter_dir: str | Path, model_config, base: str = "dequantized
         merged.config.use_cache = True
         return merged.eval()
 
-    from evaluator.fast import _dense_weight, _mergeable, core_model, quantized_linears
+    from evaluator.fast import _dense_weight, _mergeable, quantized_linears
+    from trainer.model import unwrap_peft
 
     quantized = peft.PeftModel.from_pretrained(
         load_base_model(model_config, device, attn_implementation="sdpa", mode=mode), str(adapter_dir)
     )
-    core = core_model(quantized)
+    core = unwrap_peft(quantized)
     paths = {id(module): name for name, module in core.named_modules()}
     int8 = model_config.quant_type == "int8"
     dense_weight = _int8_dense_weight if int8 else _dense_weight

@@ -30,6 +30,13 @@ def pytest_configure(config):
         os.environ["SWEEP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sweep-test-cache-")
         # The demo base registers itself in the hub cache: keep that private too.
         os.environ["HF_HUB_CACHE"] = os.path.join(os.environ["SWEEP_CACHE_DIR"], "hub")
+    # Ray's sessions (in this process and in every `sweep start` a test runs) go under a directory of this test
+    # session: another Ray on the machine is neither touched nor taken for one of ours (the integration guard
+    # below counts the sessions there). Short: Ray's socket paths must fit in 107 bytes.
+    if "RAY_TMPDIR" not in os.environ:
+        import tempfile
+
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-", dir="/tmp")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,8 +66,8 @@ def _ray_up() -> bool:
 
 
 def _ray_sessions() -> set[str]:
-    """The sessions under Ray's temporary directory: a Ray started anywhere on this machine (a `sweep start`
-    subprocess's included) adds one."""
+    """The sessions under Ray's temporary directory (this test session's, `pytest_configure`): a Ray started by a
+    test, in this process or in a `sweep start` subprocess, adds one."""
     root = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
     try:
         return {name for name in os.listdir(root) if name.startswith("session_") and name != "session_latest"}
