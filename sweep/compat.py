@@ -42,14 +42,14 @@ def live_trial(study, frozen):
     return optuna.trial.Trial(study, trial_id(frozen))
 
 
-def trial_state(study, frozen) -> str:
-    """The state Optuna's storage holds for the trial now ("RUNNING", "COMPLETE", ...)."""
-    return study_storage(study).get_trial(trial_id(frozen)).state.name
-
-
 def stored_trial(study, frozen):
     """The trial as Optuna's storage holds it now (a `FrozenTrial`)."""
     return study_storage(study).get_trial(trial_id(frozen))
+
+
+def trial_state(study, frozen) -> str:
+    """The state Optuna's storage holds for the trial now ("RUNNING", "COMPLETE", ...)."""
+    return stored_trial(study, frozen).state.name
 
 
 def fail_in_storage(study, frozen) -> bool:

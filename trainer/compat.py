@@ -78,9 +78,17 @@ def installed_version(library: str) -> str | None:
 
 
 def in_range(library: str, checked: str) -> bool:
-    """Whether `library` is installed at a version in `checked`, and not listed in `SWEEP_COMPAT_UNCHECKED`."""
-    unchecked = {name.strip().lower() for name in os.environ.get(UNCHECKED_ENV, "").split(",") if name.strip()}
-    if library.lower() in unchecked:
+    """Whether `library` is installed at a version in `checked`, and not listed in `SWEEP_COMPAT_UNCHECKED`.
+
+    Hooks ask on hot paths (every 4-bit layer a dense copy dequantizes, every generation batch): the answer is
+    kept per library, range and value of the environment variable.
+    """
+    return _in_range(library, checked, os.environ.get(UNCHECKED_ENV, ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _in_range(library: str, checked: str, unchecked: str) -> bool:
+    if library.lower() in {name.strip().lower() for name in unchecked.split(",")}:
         return False
     found = installed_version(library)
     return found is not None and SpecifierSet(checked).contains(Version(found), prereleases=True)
