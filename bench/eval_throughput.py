@@ -14,8 +14,20 @@ The trial's training time is the proxy run of configs/mistral-7b-a100.yaml
 (`max_steps` x `pack_length` tokens) at the tokens/s measured by
 bench/trainer_throughput.py on the same card (its JSON).
 
+The peer (`--peer FRACTION`) is plain lm-eval as a user would run it: its
+Hugging Face backend (`HFLM`, stock) and `simple_evaluate`, through
+`evaluate(..., fast_path=False)`, on the very same in-memory 4-bit + LoRA model
+(so both sides' adapters are the same weights), the same task files, limits
+and generation settings, with a fixed batch size (`--peer-batch-size`; lm-eval's
+`auto` sizes itself from the model's maximum length). Both sides score the
+first FRACTION of each task's documents, task by task; the generated tokens of
+each side are counted (lm-eval stops at the end-of-sequence token, which random
+weights can emit), so generation compares in tokens/s too.
+
     python bench/eval_throughput.py --probe --repeat 3 --train-json bench/results/trainer_throughput-h100.json \\
         --out bench/results/eval_throughput-h100.json
+    python bench/eval_throughput.py --first-call --repeat 2 --peer 0.25 --train-json /tmp/trainer.json \\
+        --out bench/results/eval_throughput-h200.json   # against plain lm-eval; first pass as a trial's first
     python bench/eval_throughput.py --shape tiny --device cpu --scale 0.02 --out /tmp/e.json   # smoke test
 """
 
@@ -24,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import functools
 import json
 import logging
@@ -150,6 +163,83 @@ def probe(model, device: str, vocab: int, batch: int = 32, prompt: int = 800) ->
     return out
 
 
+@contextlib.contextmanager
+def counting_generation(tokenizer):
+    """Counts the tokens lm-eval's `HFLM.generate_until` returns (both sides end there: SweepLM decodes
+    through it, one call per set of generation settings)."""
+    from lm_eval.models.huggingface import HFLM
+
+    counts = {"requests": 0, "tokens": 0}
+    original = HFLM.generate_until
+
+    def generate_until(self, requests, *args, **kwargs):
+        answers = original(self, requests, *args, **kwargs)
+        counts["requests"] += len(answers)
+        counts["tokens"] += sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        return answers
+
+    HFLM.generate_until = generate_until
+    try:
+        yield counts
+    finally:
+        HFLM.generate_until = original
+
+
+def compare_with_plain(model, tokenizer, tasks: dict, task_dir, counts: dict, fraction: float, batch_size: int,
+                       peer_batch_size: int, generation, dequantize, memory_cap_gib, fuse, save, result) -> dict:
+    """Ours and plain lm-eval task by task on the first `fraction` of each task's documents: seconds, generated
+    tokens, scores and their standard errors. Ours also in one call over all tasks, as a trial scores."""
+    from evaluator.harness import evaluate
+
+    limited = {name: dataclasses.replace(t, limit=max(1, round(counts[name] * fraction))) for name, t in tasks.items()}
+    out = result.setdefault("peer", {"name": "lm-eval HFLM + simple_evaluate (evaluate(fast_path=False))",
+                                     "fraction": fraction, "peer_batch_size": peer_batch_size, "tasks": {}})
+    for name, task in limited.items():
+        row = {"documents": task.limit, "output_type": SHAPES[name][1]}
+        for side, kwargs in (("ours", {"batch_size": batch_size, "dequantize": dequantize, "fuse_kernels": fuse,
+                                       "memory_budget_gib": memory_cap_gib}),
+                             ("plain", {"batch_size": peer_batch_size, "fast_path": False})):
+            with counting_generation(tokenizer) as generated:
+                evaluated = evaluate(model, tokenizer, [task], task_dir, generation=generation, **kwargs)
+            row[side] = {"seconds": evaluated.eval_seconds, "score": evaluated.scores[task.name],
+                         "stderr": evaluated.stderrs.get(task.name), "fast_path": evaluated.fast_path,
+                         "generated_tokens": generated["tokens"], "generated_requests": generated["requests"]}
+            if generated["tokens"]:
+                row[side]["generated_tokens_per_second"] = generated["tokens"] / evaluated.eval_seconds
+        row["speedup"] = row["plain"]["seconds"] / row["ours"]["seconds"]
+        # Same model, same documents: the scores differ only by numerics (the dense copy, fused kernels,
+        # greedy ties). Tolerance: two standard errors of plain's score (0 where every document agrees).
+        diff = abs(row["ours"]["score"] - row["plain"]["score"])
+        row["score_diff"] = diff
+        row["scores_agree"] = diff <= 2 * (row["plain"]["stderr"] or 0) + 1e-9
+        out["tasks"][name] = row
+        print(json.dumps({f"peer {name}": row}), flush=True)
+        save()
+    with counting_generation(tokenizer) as generated:
+        evaluated = evaluate(model, tokenizer, list(limited.values()), task_dir, batch_size, generation,
+                             dequantize=dequantize, memory_budget_gib=memory_cap_gib, fuse_kernels=fuse)
+    rows = out["tasks"].values()
+    out.update({
+        "ours_seconds": sum(r["ours"]["seconds"] for r in rows),
+        "plain_seconds": sum(r["plain"]["seconds"] for r in rows),
+        "ours_one_call_seconds": evaluated.eval_seconds,
+        "ours_one_call_generated_tokens": generated["tokens"],
+        "ours_generated_tokens": sum(r["ours"]["generated_tokens"] for r in rows),
+        "plain_generated_tokens": sum(r["plain"]["generated_tokens"] for r in rows),
+        "scores_agree": all(r["scores_agree"] for r in rows),
+        "tolerance": "per task: |ours - plain| <= 2 standard errors of plain's score",
+    })
+    out["peer_speedup"] = out["plain_seconds"] / out["ours_seconds"]
+    out["peer_speedup_one_call"] = out["plain_seconds"] / out["ours_one_call_seconds"]
+    for kind in ("generate_until", "multiple_choice"):
+        part = [r for r in rows if r["output_type"] == kind]
+        if part:
+            out[f"peer_speedup_{kind}"] = sum(r["plain"]["seconds"] for r in part) / sum(
+                r["ours"]["seconds"] for r in part)
+    save()
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mistral-7b")
@@ -172,6 +262,12 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=200, help="the trial's max_steps")
     parser.add_argument("--pack-length", type=int, default=8192)
     parser.add_argument("--probe", action="store_true", help="also time decode steps of each scoring variant")
+    parser.add_argument("--first-call", action="store_true",
+                        help="score the first pass in one call, as a worker's first trial does (default: task by "
+                             "task, for per-task times)")
+    parser.add_argument("--peer", type=float, default=0.0, metavar="FRACTION",
+                        help="also compare with plain lm-eval on this fraction of each task's documents")
+    parser.add_argument("--peer-batch-size", type=int, default=32, help="plain lm-eval's fixed batch size")
     parser.add_argument("--cprofile", metavar="TASKS", default="",
                         help="print the Python profile of scoring these tasks (comma-separated; `all`: the "
                              "last one-call pass)")
@@ -229,13 +325,6 @@ def main(argv=None) -> int:
     if args.probe:
         result["probe"] = probe(model, args.device, model.config.vocab_size)
         save()
-    # A trial makes one dense copy for all its tasks; timing tasks one by one, the copy is made once here
-    # and its cost counted separately.
-    start = time.perf_counter()
-    dense = use_dense(model, dequantize, args.device, args.memory_cap_gib)
-    copy = dense_base(model) if dense else contextlib.nullcontext()
-    copy.__enter__()
-    result.update(dense=dense, dense_setup_seconds=time.perf_counter() - start)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=gen_batch)
     fuse = {"true": True, "false": False}.get(args.fuse_kernels, "auto")
     result.update(fuse_kernels=fuse, repeats=[])
@@ -246,9 +335,22 @@ def main(argv=None) -> int:
         data_file = str(task_dir / "data" / f"{name}.jsonl")
         tasks[name] = TaskConfig(name=f"bench_{name}", metric=metric, data_file=data_file,
                                  max_new_tokens=MAX_NEW_TOKENS.get(name))
-    # Pass 1 scores the tasks one by one (the per-task times) and pays the one-time costs of a process
-    # (kernel compilation, CUDA warm-up), as a worker's first trial does.
-    for name, task in tasks.items():
+    # Pass 1 pays the one-time costs of a process (kernel compilation, CUDA warm-up), as a worker's first
+    # trial does: in one call as a trial scores (--first-call), or task by task for the per-task times, the
+    # dense copy (one per trial) then made once and its cost counted separately.
+    if args.first_call:
+        evaluated = evaluate(model, tokenizer, list(tasks.values()), task_dir, args.batch_size, generation,
+                             dequantize=dequantize, memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
+        result.update(first_call_seconds=evaluated.eval_seconds, dense=evaluated.dense, dense_setup_seconds=0.0)
+        print(json.dumps({"first call, all tasks": evaluated.eval_seconds, "dense": evaluated.dense}), flush=True)
+        save()
+    start = time.perf_counter()
+    dense = use_dense(model, dequantize, args.device, args.memory_cap_gib) and not args.first_call
+    copy = dense_base(model) if dense else contextlib.nullcontext()
+    copy.__enter__()
+    if not args.first_call:
+        result.update(dense=dense, dense_setup_seconds=time.perf_counter() - start)
+    for name, task in tasks.items() if not args.first_call else ():
         suite, kind, *_ = SHAPES[name]
         profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
         profiler.enable() if profiler else None
@@ -280,9 +382,13 @@ def main(argv=None) -> int:
         result["repeats_dense"] = evaluated.dense
         print(json.dumps({"all tasks in one call": evaluated.eval_seconds, "dense": evaluated.dense}), flush=True)
         save()
+    if args.peer:
+        compare_with_plain(model, tokenizer, tasks, task_dir, counts, args.peer, args.batch_size,
+                           args.peer_batch_size, generation, dequantize, args.memory_cap_gib, fuse, save, result)
     if args.device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    eval_seconds = result["dense_setup_seconds"] + sum(t["seconds"] for t in result["tasks"].values())
+    eval_seconds = result.get("first_call_seconds") or (
+        result["dense_setup_seconds"] + sum(t["seconds"] for t in result["tasks"].values()))
     result["eval_seconds"] = eval_seconds
     if train_tps:
         train_seconds = args.train_steps * args.pack_length / train_tps
@@ -294,7 +400,9 @@ def main(argv=None) -> int:
                if result["repeats"] else {}),
         })
     save()
-    print(json.dumps({k: v for k, v in result.items() if k not in ("tasks", "probe")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("tasks", "probe", "peer")}, indent=2))
+    if "peer" in result:
+        print(json.dumps({k: v for k, v in result["peer"].items() if k != "tasks"}, indent=2))
     return 0
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,7 @@ SHAPES = {
     ),
     "tiny": dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
+        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, rope_theta=10000.0,
     ),
 }
 # The packed-row check's model: the tiny shape with weights large enough that attention changes the loss
@@ -133,7 +134,9 @@ def build_base(shape: str, device: str, attn: str, cache: Path) -> tuple:
 
     from trainer.model import load_base_model
 
-    path = cache / f"random-{shape}"
+    # Keyed by the shape's settings too: a cached checkpoint of an older shape is never reused.
+    digest = hashlib.sha256(json.dumps(SHAPES[shape], sort_keys=True).encode()).hexdigest()[:8]
+    path = cache / f"random-{shape}-{digest}"
     if not (path / "config.json").exists():
         config = MistralConfig(**SHAPES[shape], sliding_window=None, tie_word_embeddings=False)
         torch.manual_seed(0)

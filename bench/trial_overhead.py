@@ -13,6 +13,12 @@ each slot and with a fresh load per trial, and reads the workers' timelines
 
     python bench/trial_overhead.py                       # CPU, the demo model
     python bench/trial_overhead.py --gpu h100 --shape mistral-7b --trials 6 --steps 50
+    python bench/trial_overhead.py --gpu h200 --shape mistral-7b --trials 3 --steps 40 \\
+        --set trainer.pack_length=8192 --set data.num_examples=12000   # the Mistral config's rows, shortened
+
+`--project-steps N` adds the busy fraction a trial of N training steps would
+have with the measured gaps and scoring times (training time scaled from the
+measured one): what a sweep of the config's full proxy would see.
 
 `--shape mistral-7b` builds a Mistral-7B-shaped model with random weights
 from its config (nothing from the hub; 14 GB written to --model-dir once) and
@@ -75,7 +81,7 @@ def measure(mode: str, args, model_path: str, work: Path, profile) -> dict:
         f"trainer.max_steps={args.steps}", "study.pruner=none", f"study.seed={args.seed}",
         f"orchestration.resident_base={'true' if mode == 'resident' else 'false'}",
         f"orchestration.concurrency={args.slots}", f"orchestration.artifacts_dir={work / 'runs'}",
-        f"model.name_or_path={model_path}",
+        f"model.name_or_path={model_path}", *args.set,
     ]
     config = load_config(None, overrides)
     work.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,19 @@ def measure(mode: str, args, model_path: str, work: Path, profile) -> dict:
         "mean_eval_s": round(statistics.mean(r.eval_seconds for r in records if r.state == "COMPLETE"), 3),
         "wall_s": round(wall, 3),
         "busy_fraction": round(busy / (wall * args.slots), 4),
+        **_projection(records, gaps, args),
     }
+
+
+def _projection(records, gaps, args) -> dict:
+    """The busy fraction of a sweep whose trials train `--project-steps` steps, the gaps as measured."""
+    if not args.project_steps:
+        return {}
+    done = [r for r in records if r.state == "COMPLETE"]
+    trial = statistics.mean(r.train_seconds * args.project_steps / args.steps + r.eval_seconds for r in done)
+    gap = statistics.mean(gaps)
+    return {"projected_steps": args.project_steps, "projected_trial_s": round(trial, 3),
+            "projected_busy_fraction": round(trial / (trial + gap), 4)}
 
 
 def main(argv=None) -> int:
@@ -115,6 +133,10 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="resident,reload", help="comma-separated, in this order")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every trial (as `sweep start --set`)")
+    parser.add_argument("--project-steps", type=int, default=0,
+                        help="also project the busy fraction at this many training steps per trial")
     parser.add_argument("--out", help="JSON file (default: bench/results/trial_overhead-<gpu>.json)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -134,13 +156,16 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "trial_overhead",
         "command": f"python bench/trial_overhead.py --gpu {args.gpu} --shape {args.shape} --trials {args.trials} "
-                   f"--steps {args.steps} --slots {args.slots}",
+                   f"--steps {args.steps} --slots {args.slots}"
+                   + "".join(f" --set {o}" for o in args.set)
+                   + (f" --project-steps {args.project_steps}" if args.project_steps else ""),
         "profile": profile.name,
         "device": torch.cuda.get_device_name(0) if profile.uses_gpu else f"cpu ({os.cpu_count()} cores)",
         "shape": args.shape,
         "trials_per_mode": args.trials,
         "steps_per_trial": args.steps,
         "slots": args.slots,
+        "overrides": args.set,
         "modes": results,
     }
     if {"resident", "reload"} <= set(results):
