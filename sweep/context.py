@@ -1,5 +1,6 @@
 """What every step of one start shares (`Run`, driver side only), and the plain-data specs built from it that
-travel to the workers: a trial's (`trial_spec`) and the baseline's (`baseline_spec`)."""
+travel to the workers: a trial's (`trial_spec`; `spec_for_trial` builds it from plain values) and the
+baseline's (`baseline_spec`)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,23 @@ class Run:
 
 def trial_spec(run: Run, number: int, params: dict) -> TrialSpec:
     """The plain-data description of a trial that travels to its worker."""
-    config, study_name = run.config, run.study.study_name
-    trial_dir = run.work_dir / "trials" / f"{number:04d}"
+    baseline = run.store.baseline(run.study.study_name)
+    return spec_for_trial(
+        run.config, run.study.study_name, number, params, work_dir=run.work_dir, task_dir=run.task_dir,
+        cpus_per_trial=run.cpus_per_trial, device=run.device, profile=run.profile,
+        host_memory_limit_gib=host_memory_limit(run), exclude_ngrams_file=run.exclude_ngrams_file,
+        baseline_scores=baseline["scores"] if baseline else None,
+    )
+
+
+def spec_for_trial(config: SweepConfig, study_name: str, number: int, params: dict, *, work_dir: Path,
+                   task_dir: str, cpus_per_trial: int, device: str, profile: GpuProfile,
+                   host_memory_limit_gib: Optional[float] = None, exclude_ngrams_file: Optional[str] = None,
+                   baseline_scores: Optional[dict] = None) -> TrialSpec:
+    """`trial_spec` from plain values, without a start's live handles: what runs trial `number` of the study
+    with `params` (its seed, its directory under `work_dir`, its rungs), for the driver and for code that runs
+    one of our trials under another orchestrator (bench/search_efficiency.py's Ray Tune trainable)."""
+    trial_dir = Path(work_dir) / "trials" / f"{number:04d}"
     trial_config = with_params(config, params)
     seed = config.study.trial_seed
     if seed is None:
@@ -63,7 +79,7 @@ def trial_spec(run: Run, number: int, params: dict) -> TrialSpec:
         data=trial_config.data,
         train=trial_config.trainer,
         eval=config.evaluator,
-        task_dir=run.task_dir,
+        task_dir=task_dir,
         adapter_dir=str(trial_dir / "adapter"),
         log_file=str(trial_dir / "worker.log"),
         # The resolved config of this trial (searched values in place) and where it came from.
@@ -71,15 +87,15 @@ def trial_spec(run: Run, number: int, params: dict) -> TrialSpec:
             **to_dict(trial_config),
             "trial": {"study": study_name, "number": number, "seed": seed, "params": params},
         },
-        num_threads=run.cpus_per_trial,
-        device=run.device,
-        memory_cap_gib=memory_cap(run.profile, config.orchestration.gpu_memory_cap_gib),
-        host_memory_limit_gib=host_memory_limit(run),
-        exclude_ngrams_file=run.exclude_ngrams_file,
-        target_tflops=run.profile.bf16_tflops,
+        num_threads=cpus_per_trial,
+        device=device,
+        memory_cap_gib=memory_cap(profile, config.orchestration.gpu_memory_cap_gib),
+        host_memory_limit_gib=host_memory_limit_gib,
+        exclude_ngrams_file=exclude_ngrams_file,
+        target_tflops=profile.bf16_tflops,
         rungs=tuple(config.study.rungs) if config.study.pruner != "none" else (),
         rung_eval_docs=config.study.rung_eval_docs,
-        baseline_scores=baseline["scores"] if (baseline := run.store.baseline(study_name)) else None,
+        baseline_scores=baseline_scores,
     )
 
 
