@@ -20,6 +20,11 @@ PASSED_ENV = (
     "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "SWEEP_CACHE_DIR",
 )
 
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+"""NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM, in every process a start's Ray runs: on a
+host whose GPUs others share, a program that uses it can put them out of service. A value in the driver's
+environment wins."""
+
 
 def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, str]) -> None:
     """Joins `address`, or starts a local Ray; checks that a GPU profile has GPUs to run on."""
@@ -28,6 +33,8 @@ def start_ray(address: Optional[str], profile: GpuProfile, env_vars: dict[str, s
     # any other load, a trial (the sweep's whole work) then gets a sliver of the CPU and runs many
     # times slower. A local Ray of ours runs them at the driver's priority (a cluster keeps its own).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    for name, value in NVLINK_MULTICAST_OFF.items():  # a local Ray's own processes inherit them; workers get env_vars
+        os.environ.setdefault(name, value)
     import ray
 
     from sweep import raynet
@@ -92,7 +99,10 @@ def cpus_per_trial(config: SweepConfig, profile: GpuProfile) -> int:
 
 
 def worker_env(config: SweepConfig, cpus_per_trial: int) -> dict[str, str]:
+    """The environment every worker gets through Ray's runtime_env: the caches, thread counts, quiet libraries, the
+    offline flags when the sweep needs no hub, and NVLink multicast off (`NVLINK_MULTICAST_OFF`)."""
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env.update({name: os.environ.get(name, value) for name, value in NVLINK_MULTICAST_OFF.items()})
     env.update({
         "OMP_NUM_THREADS": str(cpus_per_trial),
         "MKL_NUM_THREADS": str(cpus_per_trial),

@@ -72,6 +72,9 @@ class SweepOutcome:
     """The reason of this start's last FAIL."""
     pick_untuned: bool = False
     """The study's pick is the untuned base (`sweep.export.pick_submission`): no trial beat it."""
+    hours_used: Optional[float] = None
+    """Slot-hours (GPU-hours on a GPU profile) this start's trials took, as its budget counted them (the
+    baseline not included)."""
 
     @property
     def all_failed(self) -> bool:
@@ -225,7 +228,7 @@ def _run_holding_lease(config: SweepConfig, store: Store, lease: DriverLease, he
     best = best_trial(study)
     return SweepOutcome(study_name, numbers, best.number if best else None, best.value if best else None,
                         failed=driver.progress.failed, failure=driver.failure, last_failure=driver.last_failure,
-                        pick_untuned=_pick_is_untuned(study, store))
+                        pick_untuned=_pick_is_untuned(study, store), hours_used=driver.progress.hours_used())
 
 
 def _pick_is_untuned(study, store: Store) -> bool:

@@ -184,7 +184,9 @@ class TrialRecord:
     base_load_seconds: Optional[float] = None
     """Seconds the trial spent loading the 4-bit base; None when its slot's resident base was reused."""
     timeline: Optional[dict] = None
-    """Unix times in the worker (`started`, `first_step`, `finished`) and its `slot`."""
+    """Unix times in the worker (`started`, `first_step`, `finished`), where the trial ran (`slot`, `device`, `pid`,
+    `cuda_visible_devices`, `device_uuid`), the card's memory at its end and its `rung_waits_s`
+    (`sweep.worker.TrialResult.timeline`)."""
     started_at: Optional[dt.datetime] = None
     finished_at: Optional[dt.datetime] = None
     driver_id: Optional[int] = None

@@ -109,7 +109,11 @@ class TrialResult:
     base_load_seconds: Optional[float] = None
     """Seconds this trial spent loading the 4-bit base; None: the slot's resident base was reused."""
     timeline: Optional[dict] = None
-    """Unix times in the worker: `started`, `first_step` (end of the first optimizer step), `finished`; and `slot`."""
+    """Unix times in the worker: `started`, `first_step` (end of the first optimizer step), `finished`; where it ran:
+    `slot`, `device`, `pid`, `cuda_visible_devices` (as Ray set it; None when unset) and on a GPU `device_uuid`;
+    on a GPU at the trial's end `device_memory_used_gib` (the card's, every process on it) and
+    `memory_reserved_gib` (this process's torch pool); `rung_waits_s`, the seconds each rung waited for the
+    driver's decision."""
     losses: tuple[tuple[int, float], ...] = ()
     """(step, training loss), at most `MAX_LOSS_POINTS` of them spread over the run (the last step kept)."""
     learning_rates: tuple[tuple[int, float], ...] = ()
@@ -278,10 +282,16 @@ class TrialSlot:
 
     def _run(self, spec: TrialSpec, reporter: Optional[Reporter]) -> TrialResult:
         started = time.perf_counter()
-        timeline = {"slot": self.slot, "started": time.time()}
+        timeline = {"slot": self.slot, "started": time.time(), "pid": os.getpid(),
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         _setup_process(spec.num_threads)
         card = _setup_gpu(spec.device, spec.memory_cap_gib)
         timeline["device"] = _device_name(spec.device)
+        timeline.update(_device_identity(spec.device))
+        # Which process and card run the trial, first in its log: what an operator (or a benchmark) acts on.
+        print(f"trial {spec.trial_number} on slot {self.slot}: pid {timeline['pid']}, CUDA_VISIBLE_DEVICES="
+              f"{timeline['cuda_visible_devices']}, {timeline['device']}"
+              + (f", uuid {timeline['device_uuid']}" if "device_uuid" in timeline else ""), flush=True)
         from transformers import set_seed
 
         from trainer.data import prepare_data
@@ -330,6 +340,7 @@ class TrialSlot:
                 save_adapter(model, spec.adapter_dir, spec.model, spec.hyperparameters)
         finally:
             self._base = detach_lora(model)
+        timeline.update(_card_memory(spec.device))
         timeline["finished"] = time.time()
         card_tflops = card.bf16_tflops if card is not None else None
         # The measured speed, scaled from this card to the profile's by their dense bf16 peaks.
@@ -385,6 +396,7 @@ class _Progress:
         now = time.time()
         if step == 1:
             self.timeline["first_step"] = now
+            print(f"first training step done {now - self.timeline['started']:.1f}s into the trial", flush=True)
         if self.reporter is not None and now - self._last >= self.REPORT_EVERY_S:
             self._last = now
             self.reporter.progress(self.spec.trial_number, step, self._total, loss)
@@ -392,7 +404,10 @@ class _Progress:
     def rung(self, step: int, value: float) -> bool:
         self.intermediate.append((step, value))
         print(f"rung at step {step}: {value:.4g}", flush=True)
-        return self.reporter.rung(self.spec.trial_number, step, value)
+        asked = time.perf_counter()
+        prune = self.reporter.rung(self.spec.trial_number, step, value)
+        self.timeline.setdefault("rung_waits_s", []).append(round(time.perf_counter() - asked, 4))
+        return prune
 
 
 def rung_tasks(config: EvalConfig, docs: int) -> list:
@@ -553,6 +568,27 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     threads = torch.get_num_threads()
     return f"cpu ({os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def _device_identity(device: str) -> dict:
+    """The card a GPU trial runs on (`cuda:0` of those Ray made visible to the slot): its `device_uuid`."""
+    if device == "cpu":
+        return {}
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)  # a record field: never fail a trial on it
+    return {"device_uuid": str(uuid)} if uuid is not None else {}
+
+
+def _card_memory(device: str) -> dict:
+    """GiB in use on the trial's card by every process on it, and this process's torch pool (empty on CPU)."""
+    if device == "cpu":
+        return {}
+    import torch
+
+    free, total = torch.cuda.mem_get_info(0)
+    return {"device_memory_used_gib": round((total - free) / GIB, 3),
+            "memory_reserved_gib": round(torch.cuda.memory_reserved(0) / GIB, 3)}
 
 
 def _setup_gpu(device: str, memory_cap_gib: Optional[float]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sweep.cluster import cpus_per_trial, worker_env
+from sweep.cluster import NVLINK_MULTICAST_OFF, cpus_per_trial, worker_env
 from sweep.config import load_config
 from sweep.gpus import PROFILES
 from sweep.worker import failure_reason
@@ -40,6 +40,16 @@ def test_demo_workers_run_offline_with_their_share_of_threads(monkeypatch):
     assert "HF_HUB_OFFLINE" not in worker_env(hub, 2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert worker_env(hub, 2)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_workers_run_with_nvlink_multicast_off_unless_the_driver_says_otherwise(monkeypatch):
+    for name in NVLINK_MULTICAST_OFF:
+        monkeypatch.delenv(name, raising=False)
+    env = worker_env(load_config(None), cpus_per_trial=2)
+    assert {name: env.get(name) for name in NVLINK_MULTICAST_OFF} == {
+        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # the user's own value is the one passed on
+    assert worker_env(load_config(None), cpus_per_trial=2)["NCCL_NVLS_ENABLE"] == "1"
 
 
 def test_cpus_per_trial():

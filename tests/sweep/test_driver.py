@@ -49,6 +49,10 @@ def test_successive_halving_prunes_trials_early_on_one_resident_base(tmp_path, c
     assert loads == [loads[0]] and loads[0].endswith("(slot 0)")
     assert all(t["base_load_seconds"] is None for t in trials)
     assert len({t["timeline"]["slot"] for t in trials}) == 1
+    assert len({t["timeline"]["pid"] for t in trials}) == 1  # one slot actor's process ran them all
+    for t in trials:  # each rung's wait for the driver's decision, pruned trials' included
+        waits = t["timeline"]["rung_waits_s"]
+        assert len(waits) == len(t["intermediate"]) and all(0 <= w < 30 for w in waits)
 
 
 @pytest.mark.integration
@@ -64,6 +68,7 @@ def test_two_slots_on_cpu_run_two_trials_at_once(tmp_path, cli, ray_session, cap
     ]
     assert a_start < b_end and b_start < a_end, "the two trials did not overlap"
     assert {t["timeline"]["slot"] for t in trials} == {0, 1}
+    assert len({t["timeline"]["pid"] for t in trials}) == 2  # an actor process per slot
     assert "2 slot(s), 1 CPU core(s) each, resident base" in _sweep_logs(caplog)
 
 

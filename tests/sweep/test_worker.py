@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from evaluator.config import EvalConfig, TaskConfig
@@ -88,6 +90,9 @@ def test_a_gpu_trial_trains_packed_then_scores_and_saves(demo_base_dir, tmp_path
     assert 0 < result.mfu < 1 and result.projected_full_run_hours > 0
     assert result.wall_seconds >= result.train_seconds + result.eval_seconds
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    timeline = result.timeline  # where it ran: this process, on a card named by its UUID
+    assert timeline["pid"] == os.getpid() and timeline["device_uuid"]
+    assert 0 < timeline["memory_reserved_gib"] <= timeline["device_memory_used_gib"]
 
 
 @pytest.mark.gpu
@@ -113,6 +118,7 @@ def test_a_gpu_trial_with_a_rung_scores_it_on_the_dense_copy_and_trains_on(demo_
     result = slot.run(spec, reporter)
     assert [step for step, _ in reporter.rungs] == [50] and 0.0 <= reporter.rungs[0][1] <= 1.0
     assert result.train_steps == 100 and not result.pruned
+    assert len(result.timeline["rung_waits_s"]) == 1
     assert result.final_loss is not None and result.final_loss < 1.5
     assert 0.0 <= result.scores["gpu_digits"] <= 1.0
     assert len(quantized_linears(slot._base)) > 0  # the resident base, its adapter detached
