@@ -26,7 +26,8 @@ weights can emit), so generation compares in tokens/s too.
 
     python bench/eval_throughput.py --probe --repeat 3 --train-json bench/results/trainer_throughput-h100.json \\
         --out bench/results/eval_throughput-h100.json
-    python bench/eval_throughput.py --first-call --repeat 2 --peer 0.25 --train-json /tmp/trainer.json \\
+    python bench/eval_throughput.py --first-call --repeat 2 --peer 0.25 \\
+        --train-json bench/results/trainer_throughput-h200.json \\
         --out bench/results/eval_throughput-h200.json   # against plain lm-eval; first pass as a trial's first
     python bench/eval_throughput.py --shape tiny --device cpu --scale 0.02 --out /tmp/e.json   # smoke test
 """

@@ -596,7 +596,8 @@ def measure(args, profile, slots: int, trials: int, model_path: str, work: Path)
         "trials_asked": trials,
         "trials_run": len(rows),
         "steps_per_trial": args.steps,
-        "overrides": overrides,
+        # The run's own temporary directories are no part of the result: named, not spelled out.
+        "overrides": [o.replace(str(work), "<run dir>").replace(tempfile.gettempdir(), "<tmp>") for o in overrides],
         "sweep_seconds": round(sweep_s, 1),
         "outcome": {"complete": sum(r["state"] == "COMPLETE" for r in rows),
                     "pruned": sum(r["state"] == "PRUNED" for r in rows),

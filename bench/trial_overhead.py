@@ -13,8 +13,8 @@ each slot and with a fresh load per trial, and reads the workers' timelines
 
     python bench/trial_overhead.py                       # CPU, the demo model
     python bench/trial_overhead.py --gpu h100 --shape mistral-7b --trials 6 --steps 50
-    python bench/trial_overhead.py --gpu h200 --shape mistral-7b --trials 3 --steps 40 \\
-        --set trainer.pack_length=8192 --set data.num_examples=12000   # the Mistral config's rows, shortened
+    python bench/trial_overhead.py --gpu h200 --shape mistral-7b --trials 3 --steps 30 \\
+        --set trainer.pack_length=8192 --set data.num_examples=12000 --project-steps 200   # the config's rows
 
 `--project-steps N` adds the busy fraction a trial of N training steps would
 have with the measured gaps and scoring times (training time scaled from the
