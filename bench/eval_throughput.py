@@ -345,28 +345,26 @@ def main(argv=None) -> int:
         result.update(first_call_seconds=evaluated.eval_seconds, dense=evaluated.dense, dense_setup_seconds=0.0)
         print(json.dumps({"first call, all tasks": evaluated.eval_seconds, "dense": evaluated.dense}), flush=True)
         save()
-    start = time.perf_counter()
-    dense = use_dense(model, dequantize, args.device, args.memory_cap_gib) and not args.first_call
-    copy = dense_base(model) if dense else contextlib.nullcontext()
-    copy.__enter__()
-    if not args.first_call:
-        result.update(dense=dense, dense_setup_seconds=time.perf_counter() - start)
-    for name, task in tasks.items() if not args.first_call else ():
-        suite, kind, *_ = SHAPES[name]
-        profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
-        profiler.enable() if profiler else None
-        evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation, dequantize=False,
-                             memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
-        if profiler:
-            profiler.disable()
-            stats = pstats.Stats(profiler)
-            stats.sort_stats("cumulative").print_stats(40)
-            stats.sort_stats("tottime").print_stats(25)
-        result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
-                                 "seconds": evaluated.eval_seconds}
-        print(json.dumps({name: result["tasks"][name]}), flush=True)
-        save()
-    copy.__exit__(None, None, None)
+    else:
+        start = time.perf_counter()
+        dense = use_dense(model, dequantize, args.device, args.memory_cap_gib)
+        with dense_base(model) if dense else contextlib.nullcontext():
+            result.update(dense=dense, dense_setup_seconds=time.perf_counter() - start)
+            for name, task in tasks.items():
+                suite, kind, *_ = SHAPES[name]
+                profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
+                profiler.enable() if profiler else None
+                evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation,
+                                     dequantize=False, memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
+                if profiler:
+                    profiler.disable()
+                    stats = pstats.Stats(profiler)
+                    stats.sort_stats("cumulative").print_stats(40)
+                    stats.sort_stats("tottime").print_stats(25)
+                result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
+                                         "seconds": evaluated.eval_seconds}
+                print(json.dumps({name: result["tasks"][name]}), flush=True)
+                save()
     # Later passes score all tasks in one call, exactly as a trial does (the dense copy made and dropped
     # inside it), in a process that has scored before: a worker that keeps its base loaded from trial to trial.
     for repeat in range(1, args.repeat):

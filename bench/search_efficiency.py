@@ -352,11 +352,14 @@ def _same_params(a: dict, b: dict) -> bool:
 
 
 def our_pick_rule(full: list, top_k: int) -> float | None:
-    """The held-out value of the pick our rule makes (the best on held-out among the top `top_k` on the objective)
-    among complete trials: the peer's search judged with our pick."""
-    top = sorted(full, key=lambda t: -t["value"])[:top_k]
-    picked = max((t for t in top if t["heldout"] is not None), key=lambda t: t["heldout"], default=None)
-    return picked["heldout"] if picked else None
+    """The held-out value of the pick our rule makes (`sweep.export.pick_submission`: the best on held-out among the
+    top `top_k` on the objective) among complete trials: the peer's search judged with our pick."""
+    from sweep.export import pick_submission
+
+    rows = [{"number": t["number"], "state": "COMPLETE", "values": {"optimize": t["value"], "pick_by": t["heldout"]}}
+            for t in full]
+    picked = pick_submission(rows, "optimize", "pick_by", top_k)
+    return picked["values"]["pick_by"] if picked else None
 
 
 # --- curves and the summary -------------------------------------------------------------------------------------
@@ -642,6 +645,8 @@ def run_all(methods: list, seeds: list, args, argv) -> dict:
         if own_ray_tmp:
             shutil.rmtree(own_ray_tmp, ignore_errors=True)
             os.environ.pop("RAY_TMPDIR", None)
+    from trainer_throughput import versions
+
     config = bench_config("tpe_sh", seeds[0], args, Path("."))
     return {
         "benchmark": "search_efficiency",
@@ -652,22 +657,10 @@ def run_all(methods: list, seeds: list, args, argv) -> dict:
         "rungs": config.study.rungs, "rung_eval_docs": config.study.rung_eval_docs,
         "reduction_factor": config.study.reduction_factor,
         "tune_reuse_actors": not args.tune_fresh_actors,
-        "versions": _versions(),
+        "versions": versions("ray", "optuna", "torch", "transformers", "lm-eval"),
         "summary": summarise(results),
         "runs": results,
     }
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("ray", "optuna", "torch", "transformers", "lm-eval"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 if __name__ == "__main__":

@@ -81,15 +81,16 @@ SHAPES["tiny-check"] = {**SHAPES["tiny"], "initializer_range": 0.3}
 LENGTHS = {"median": 326, "sigma": 0.68, "min": 16, "max": 2048}
 PROMPT_FRACTION = 0.4
 CAPS = {"a100": 39.35, "4090": 23.55}
+TRAINER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel", "datasets")
 # TRL SFTTrainer settings (bench/trainer_throughput.py's peer). Each runs under the A100 cap; its measured peak says
-# whether it also fits the 4090's. `pad_to_multiple_of: max_length` tops each packed row up to a fixed length,
-# as ours does for flex-attention (one compiled kernel instead of recompiling as row lengths change).
+# whether it also fits the 4090's. `pad_to_multiple_of` equal to `max_length` tops each packed row up to a fixed
+# length, as ours does for flex-attention (one compiled kernel instead of recompiling as row lengths change).
 PEERS = {
     "trl-flex": {"attn": "flex_attention", "max_length": 8192},
-    "trl-flex-padded": {"attn": "flex_attention", "max_length": 8192, "pad_to_multiple_of": "max_length"},
+    "trl-flex-padded": {"attn": "flex_attention", "max_length": 8192, "pad_to_multiple_of": 8192},
     "trl-sdpa": {"attn": "sdpa", "max_length": 8192},
     "trl-flex-liger": {"attn": "flex_attention", "max_length": 8192, "liger": True},
-    "trl-flex-padded-liger": {"attn": "flex_attention", "max_length": 8192, "pad_to_multiple_of": "max_length",
+    "trl-flex-padded-liger": {"attn": "flex_attention", "max_length": 8192, "pad_to_multiple_of": 8192,
                               "liger": True},
     "trl-sdpa-liger": {"attn": "sdpa", "max_length": 8192, "liger": True},
     "trl-flex-4k": {"attn": "flex_attention", "max_length": 4096},
@@ -284,13 +285,6 @@ def _restore(base) -> None:
     base.gradient_checkpointing_disable()
 
 
-def _peer_tokenizer():
-    """A tokenizer for TRL's `processing_class` (it reads the pad token; the examples are already token ids)."""
-    from trainer.demo_base import build_tokenizer
-
-    return build_tokenizer()
-
-
 def _strip_trl(model):
     """The base again after a TRL run: adapter unloaded, and the hooks and patches TRL added removed."""
     base = model.unload() if hasattr(model, "unload") else model
@@ -408,11 +402,12 @@ def check_packing(device: str, attns: list[str]) -> list[dict]:
     """
     import torch
 
+    from trainer.demo_base import build_tokenizer
     from trainer.model import attach_lora, use_attention
     from trainer.train import collate_packed, response_loss_sum
 
     torch.manual_seed(0)
-    tokenizer = _peer_tokenizer()
+    tokenizer = build_tokenizer()
     rows = make_examples(4, SHAPES["tiny"]["vocab_size"], seed=1)
     for r in rows:  # short rows: the tiny model's check is about boundaries, not length
         n = 24 + len(r["input_ids"]) % 40
@@ -424,12 +419,12 @@ def check_packing(device: str, attns: list[str]) -> list[dict]:
     for attn in attns:
         use_attention(base, attn)
         entry = {"attn": attn, "shape": "tiny-check", "device": device, "tokens": total}
+        pad_to = total + 8 if attn == "flex_attention" else None  # as trained: topped up to a fixed length
 
         # Ours: the packed row as the trainer builds it, and each example as a row of its own.
         model = attach_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
         model.train()
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            pad_to = total + 8 if attn == "flex_attention" else None  # as trained: topped up to a fixed length
             packed = collate_packed(rows, list(range(len(rows))), tokenizer.pad_token_id, pad_to)
             row_sum, row_n = response_loss_sum(model, packed, device)
             alone = [response_loss_sum(model, collate_packed(rows, [i], tokenizer.pad_token_id), device)
@@ -445,8 +440,7 @@ def check_packing(device: str, attns: list[str]) -> list[dict]:
         # TRL: its own collator's packed row (bfd into one bin of max_length) and each example alone.
         with tempfile.TemporaryDirectory(prefix="trl-check-") as out:
             trainer = trl_trainer(base, rows, {"attn": attn, "max_length": total, "dropout": 0.0,
-                                               "pad_to_multiple_of": total + 8 if attn == "flex_attention" else None},
-                                  1, device, out, tokenizer)
+                                               "pad_to_multiple_of": pad_to}, 1, device, out, tokenizer)
             batch = next(iter(trainer.get_train_dataloader()))
             trl_model = trainer.model
             trl_model.train()
@@ -531,7 +525,7 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps({
                 "benchmark": "trainer_throughput packed-row check", "device": device,
                 "command": "python bench/trainer_throughput.py --check-only --device " + device,
-                "versions": _versions(), "checks": checks}, indent=2) + "\n")
+                "versions": versions(), "checks": checks}, indent=2) + "\n")
         return 0 if all(c["passed"] for c in checks) else 1
     gpu_name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
     total = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None
@@ -562,7 +556,7 @@ def main(argv=None) -> int:
         "lengths": {**LENGTHS, "distribution": "log-normal", "prompt_fraction": PROMPT_FRACTION,
                     "mean_measured": sum(len(r["input_ids"]) for r in rows) / len(rows)},
         "steps": args.steps,
-        "versions": _versions(),
+        "versions": versions(),
         "base_load_seconds": load_seconds,
         "peer_note": "flash-attention is not compared: it must be compiled against the installed torch, and the "
                      "GPU machine has no network to fetch a build and no wheel matched its torch 2.11 + CUDA 13.",
@@ -608,12 +602,12 @@ def main(argv=None) -> int:
     # The peer last: Liger's kernels patch the model's modules for good, so its settings come after the rest.
     peers = sorted([p for p in args.peers.split(",") if p], key=lambda p: PEERS[p].get("liger", False))
     if peers:
-        tokenizer = _peer_tokenizer()
+        from trainer.demo_base import build_tokenizer
+
+        tokenizer = build_tokenizer()  # TRL's `processing_class` reads its pad token; the rows are token ids
         attn_peer = {"flex_attention": attn_fast, "sdpa": "sdpa"}
         for name in peers:
             s = {"name": name, **PEERS[name], "attn": attn_peer[PEERS[name]["attn"]]}
-            if s.get("pad_to_multiple_of") == "max_length":
-                s["pad_to_multiple_of"] = s["max_length"]
             if s.get("liger") and device != "cuda":
                 continue  # Liger's kernels are Triton: GPU only
             if in_time(name):
@@ -642,34 +636,32 @@ def summarize(result: dict) -> None:
     for r in runs:
         if reference and r["tokens_per_second"]:
             r["speedup"] = r["tokens_per_second"] / reference
-    best = {}
+    best, peer_best = {}, {}
     for profile, cap in CAPS.items():
-        fitting = [r for r in runs if r["kind"] == "ours" and r["tokens_per_second"] and r["peak_memory_gib"]
-                   and r["peak_memory_gib"] <= cap and r.get("profile") == profile]
-        if fitting:
-            top = max(fitting, key=lambda r: r["tokens_per_second"])
+        # Ours as planned for the profile; the peer (TRL, run under the a100 cap) wherever its measured peak fits.
+        if top := _fastest_within(runs, "ours", cap, profile):
             best[profile] = {"run": top["name"], "tokens_per_second": top["tokens_per_second"],
                              "peak_memory_gib": top["peak_memory_gib"], "speedup": top.get("speedup")}
-    result["best_within_cap"] = best
-    # The peer: the best TRL setting whose measured peak fits each cap, and ours (best planned) against it.
-    peer_best, ratios = {}, {}
-    for profile, cap in CAPS.items():
-        fitting = [r for r in runs if r["kind"] == "peer" and r["tokens_per_second"] and r["peak_memory_gib"]
-                   and r["peak_memory_gib"] <= cap]
-        if fitting:
-            top = max(fitting, key=lambda r: r["tokens_per_second"])
+        if top := _fastest_within(runs, "peer", cap):
             peer_best[profile] = {"run": top["name"], "tokens_per_second": top["tokens_per_second"],
                                   "peak_memory_gib": top["peak_memory_gib"]}
-            if profile in best:
-                ratios[profile] = best[profile]["tokens_per_second"] / top["tokens_per_second"]
+    result["best_within_cap"] = best
     result["peer_best_within_cap"] = peer_best
-    result["peer_speedup"] = ratios
+    result["peer_speedup"] = {p: best[p]["tokens_per_second"] / peer_best[p]["tokens_per_second"]
+                              for p in peer_best if p in best}
     # Like for like: ours with every layer checkpointed, as TRL checkpoints them all.
     all_ckpt = [r for r in runs if r["kind"] == "ours" and r["settings"].get("checkpointing") is True
                 and r["tokens_per_second"] and r.get("profile") == "a100"]
     if all_ckpt and "a100" in peer_best:
         result["peer_speedup_all_layers_checkpointed"] = (
             max(r["tokens_per_second"] for r in all_ckpt) / peer_best["a100"]["tokens_per_second"])
+
+
+def _fastest_within(runs: list[dict], kind: str, cap: float, profile: Optional[str] = None) -> Optional[dict]:
+    """The fastest run of `kind` whose measured peak fits `cap` (and planned for `profile`, when given)."""
+    fitting = [r for r in runs if r["kind"] == kind and r["tokens_per_second"] and r["peak_memory_gib"]
+               and r["peak_memory_gib"] <= cap and (profile is None or r.get("profile") == profile)]
+    return max(fitting, key=lambda r: r["tokens_per_second"], default=None)
 
 
 def render(result: dict) -> str:
@@ -729,11 +721,12 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict:
+def versions(*names: str) -> dict:
+    """The installed release of each of `names` (those installed), for a benchmark's JSON."""
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel", "datasets"):
+    for name in names or TRAINER_PACKAGES:
         with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
     return out
