@@ -241,6 +241,15 @@ def compare_with_plain(model, tokenizer, tasks: dict, task_dir, counts: dict, fr
     return out
 
 
+def _print_profile(profiler, cumulative: int, tottime: int) -> None:
+    """Stops `profiler` (if any) and prints its top functions by cumulative and by own time."""
+    if profiler:
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("cumulative").print_stats(cumulative)
+        stats.sort_stats("tottime").print_stats(tottime)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mistral-7b")
@@ -356,11 +365,7 @@ def main(argv=None) -> int:
                 profiler.enable() if profiler else None
                 evaluated = evaluate(model, tokenizer, [task], task_dir, args.batch_size, generation,
                                      dequantize=False, memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
-                if profiler:
-                    profiler.disable()
-                    stats = pstats.Stats(profiler)
-                    stats.sort_stats("cumulative").print_stats(40)
-                    stats.sort_stats("tottime").print_stats(25)
+                _print_profile(profiler, 40, 25)
                 result["tasks"][name] = {"suite": suite, "output_type": kind, "documents": counts[name],
                                          "seconds": evaluated.eval_seconds}
                 print(json.dumps({name: result["tasks"][name]}), flush=True)
@@ -372,11 +377,7 @@ def main(argv=None) -> int:
         profiler.enable() if profiler else None
         evaluated = evaluate(model, tokenizer, list(tasks.values()), task_dir, args.batch_size, generation,
                              dequantize=dequantize, memory_budget_gib=args.memory_cap_gib, fuse_kernels=fuse)
-        if profiler:
-            profiler.disable()
-            stats = pstats.Stats(profiler)
-            stats.sort_stats("cumulative").print_stats(60)
-            stats.sort_stats("tottime").print_stats(30)
+        _print_profile(profiler, 60, 30)
         result["repeats"].append(evaluated.eval_seconds)
         result["repeats_dense"] = evaluated.dense
         print(json.dumps({"all tasks in one call": evaluated.eval_seconds, "dense": evaluated.dense}), flush=True)
